@@ -1,0 +1,42 @@
+"""Turn user-facing errors into one clear message (no traceback) at the command line."""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig
+from rich.console import Console
+
+from medlite.errors import MedliteError
+
+log = logging.getLogger(__name__)
+
+
+def _is_multirun() -> bool:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # noqa: BLE001 - outside Hydra there is no multirun
+        return False
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Entry used by ``train.py``: run the pipeline; print MedliteErrors cleanly unless ``show_traceback``."""
+    from medlite.pipeline import run
+
+    try:
+        return run(cfg)
+    except MedliteError as err:
+        if cfg.get("show_traceback"):
+            raise
+        log.error("%s: %s", type(err).__name__, err)
+        Console(stderr=True).print(
+            f"[bold red]medlite: {type(err).__name__}[/bold red]: {err}\n"
+            "[dim](add show_traceback=true for the full traceback)[/dim]",
+            highlight=False,
+        )
+        if _is_multirun():  # one bad job must not stop the others
+            return float("nan")
+        raise SystemExit(1) from None

@@ -1,0 +1,69 @@
+"""Config checks that run before any work, so a typo costs seconds, not a training run."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from medlite.data import medmnist, synthetic
+from medlite.errors import ConfigError
+from medlite.models.registry import PARADIGMS
+
+
+def _get(cfg: DictConfig, key: str):
+    try:
+        return OmegaConf.select(cfg, key, throw_on_missing=True)
+    except MissingMandatoryValue:
+        hint = " (choose a dataset option, e.g. data=breastmnist)" if key == "data.flag" else ""
+        raise ConfigError(f"config value '{key}' is required but not set{hint}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"config value '{key}' could not be resolved: {err}") from None
+
+
+def _number(cfg: DictConfig, key: str, *, low: float | None = None, strict: bool = False, integer: bool = False):
+    value = _get(cfg, key)
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{key} must be {kind}, got {value!r}")
+    if low is not None and (value <= low if strict else value < low):
+        raise ConfigError(f"{key} must be {'>' if strict else '>='} {low}, got {value}")
+    return value
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the key and the valid values for the first problem found."""
+    flag = _get(cfg, "data.flag")
+    size = _get(cfg, "data.size")
+    if synthetic.is_synthetic(flag):
+        valid = synthetic.SIZES_3D if flag.endswith("3d") else synthetic.SIZES_2D
+    else:
+        medmnist.get_info(flag)  # unknown flag -> ConfigError with suggestions
+        valid = medmnist.valid_sizes(flag)
+    if size not in valid:
+        raise ConfigError(f"data.size={size!r} is not available for {flag}; valid sizes: {', '.join(map(str, valid))}")
+    input_size = _get(cfg, "model.input_size")
+    if input_size is not None:
+        _number(cfg, "model.input_size", low=8, integer=True)
+    _number(cfg, "data.batch_size", low=1, integer=True)
+    _number(cfg, "data.eval_batch_size", low=1, integer=True)
+    _number(cfg, "data.num_workers", low=0, integer=True)
+    _number(cfg, "trainer.max_epochs", low=1, integer=True)
+    _number(cfg, "optim.lr", low=0, strict=True)
+    _number(cfg, "optim.weight_decay", low=0)
+    smoothing = _number(cfg, "label_smoothing", low=0)
+    if smoothing >= 1:
+        raise ConfigError(f"label_smoothing must be in [0, 1), got {smoothing}")
+    _number(cfg, "seed", low=0, integer=True)
+    paradigm = _get(cfg, "model.paradigm")
+    if paradigm not in PARADIGMS:
+        raise ConfigError(f"model.paradigm must be one of {PARADIGMS}, got {paradigm!r}")
+    sched = _get(cfg, "scheduler.name")
+    if sched not in ("cosine", "multistep", "none"):
+        raise ConfigError(f"scheduler.name must be cosine, multistep or none, got {sched!r}")
+    warmup = _get(cfg, "scheduler.warmup")
+    if warmup is not None and not (isinstance(warmup, (int, float)) and 0 <= warmup < 1):
+        raise ConfigError(f"scheduler.warmup is a fraction of training in [0, 1) or null, got {warmup!r}")
+    metric = _get(cfg, "optimized_metric")
+    if metric not in ("val/auc", "val/acc", "test/auc", "test/acc"):
+        raise ConfigError(f"optimized_metric must be one of val/auc, val/acc, test/auc, test/acc; got {metric!r}")

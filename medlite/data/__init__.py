@@ -1,0 +1,1 @@
+"""Datasets: MedMNIST files, the embedded synthetic set, transforms and the datamodule."""

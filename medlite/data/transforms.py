@@ -1,0 +1,103 @@
+"""Image transforms: uint8 MedMNIST arrays -> normalised float tensors at the model's input size.
+
+The same :func:`eval_transform` is used for validation, test, export calibration and local
+inference, so a deployed model sees exactly what it saw in training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as T
+from torch.nn import functional as F
+
+from medlite.errors import ConfigError
+
+FIT_MODES = ("resize", "pad")
+
+
+def to_tensor(image: np.ndarray, as_rgb: bool) -> torch.Tensor:
+    """(H, W) or (H, W, C) uint8 -> (C, H, W) float in [0, 1]; grayscale repeated to 3 channels on request."""
+    t = torch.from_numpy(np.ascontiguousarray(image))
+    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+    t = t.float().div_(255.0)
+    if as_rgb and t.shape[0] == 1:
+        t = t.expand(3, -1, -1)
+    return t
+
+
+def fit_to_size(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """Bring a (C, H, W) tensor to (C, size, size): bilinear resize, or centred zero padding (then resize if larger)."""
+    h, w = x.shape[-2:]
+    if h == size and w == size:
+        return x
+    if mode == "pad" and h <= size and w <= size:
+        top, left = (size - h) // 2, (size - w) // 2
+        return F.pad(x, (left, size - w - left, top, size - h - top))
+    return F.interpolate(x.unsqueeze(0), size=(size, size), mode="bilinear", antialias=h > size, align_corners=False)[0]
+
+
+class Preprocess:
+    """Deterministic part: to float, channels, input size, normalisation. Picklable for workers."""
+
+    def __init__(self, input_size: int, as_rgb: bool, mean: Sequence[float], std: Sequence[float], fit: str = "resize"):
+        if fit not in FIT_MODES:
+            raise ConfigError(f"data.fit must be one of {FIT_MODES}, got {fit!r}")
+        self.input_size, self.as_rgb, self.fit = input_size, as_rgb, fit
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        x = fit_to_size(to_tensor(image, self.as_rgb), self.input_size, self.fit)
+        return (x - self.mean) / self.std
+
+    def describe(self) -> dict:
+        """The input spec a deployed model needs (goes into results and the model card)."""
+        return {
+            "input_size": self.input_size,
+            "as_rgb": self.as_rgb,
+            "fit": self.fit,
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
+        }
+
+
+def build_augment(cfg: dict | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Training augmentation from ``data.augment``; None or ``enabled: false`` turns it off."""
+    if not cfg or not cfg.get("enabled", True):
+        return None
+    ops: list[torch.nn.Module] = []
+    if cfg.get("hflip", 0):
+        ops.append(T.RandomHorizontalFlip(float(cfg["hflip"])))
+    if cfg.get("vflip", 0):
+        ops.append(T.RandomVerticalFlip(float(cfg["vflip"])))
+    degrees, translate = float(cfg.get("rotate", 0)), float(cfg.get("translate", 0))
+    scale = cfg.get("scale")
+    if degrees or translate or scale:
+        ops.append(
+            T.RandomAffine(
+                degrees=degrees,
+                translate=(translate, translate) if translate else None,
+                scale=tuple(scale) if scale else None,
+            )
+        )
+    if cfg.get("brightness", 0) or cfg.get("contrast", 0):
+        ops.append(_IntensityJitter(float(cfg.get("brightness", 0)), float(cfg.get("contrast", 0))))
+    return T.Compose(ops) if ops else None
+
+
+class _IntensityJitter(torch.nn.Module):
+    """Brightness/contrast jitter on normalised tensors (ColorJitter assumes [0, 1] RGB)."""
+
+    def __init__(self, brightness: float, contrast: float):
+        super().__init__()
+        self.brightness, self.contrast = brightness, contrast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.contrast:
+            x = x * (1 + (torch.rand(()) * 2 - 1) * self.contrast)
+        if self.brightness:
+            x = x + (torch.rand(()) * 2 - 1) * self.brightness
+        return x

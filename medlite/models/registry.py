@@ -1,0 +1,48 @@
+"""Registry of medlite's own architectures, with the metadata sweeps and reports group by.
+
+Mirrors timm's pattern: a decorator registers a constructor under a name; ``create_model`` in
+:mod:`medlite.models.factory` looks here first and falls back to timm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+PARADIGMS = ("cnn", "transformer", "linear")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    constructor: Callable[..., nn.Module]
+    paradigm: str
+    min_size: int  # smallest input side the model handles without adaptation
+    description: str
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, *, paradigm: str, min_size: int = 28, description: str = "") -> Callable:
+    """Register ``constructor(num_classes, in_chans, img_size, **kw) -> nn.Module``."""
+    if paradigm not in PARADIGMS:
+        raise ValueError(f"paradigm must be one of {PARADIGMS}, got {paradigm!r}")
+
+    def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} registered twice")
+        _REGISTRY[name] = ModelEntry(name, fn, paradigm, min_size, description or (fn.__doc__ or "").strip())
+        return fn
+
+    return wrap
+
+
+def get_entry(name: str) -> ModelEntry | None:
+    return _REGISTRY.get(name)
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)

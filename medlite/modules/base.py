@@ -1,0 +1,169 @@
+"""The LightningModule every medlite run trains: task-aware loss and metrics, optimiser, schedule.
+
+What differs between architecture paradigms (which parameters skip weight decay, the default
+warm-up, fp32 islands) is a class attribute or a small override in :mod:`medlite.modules.paradigms`.
+Compression plugs in through ``loss_terms`` (e.g. distillation from a frozen teacher).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+
+import hydra
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from medlite.compress.base import LossTerm
+from medlite.data.tasks import Task
+from medlite.errors import ConfigError
+from medlite.metrics import compute_metrics
+
+log = logging.getLogger(__name__)
+
+
+class MedliteModule(pl.LightningModule):
+    """Shared training logic; subclasses per paradigm override the class attributes below."""
+
+    paradigm = "base"
+    #: fraction of training steps spent warming the learning rate up when ``scheduler.warmup`` is null
+    default_warmup = 0.0
+    #: parameter-name parts (besides every 1-D parameter: norms and biases) that get no weight decay
+    no_decay_names: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        optim: dict,
+        scheduler: dict | None = None,
+        label_smoothing: float = 0.0,
+        loss_terms: Sequence[LossTerm] = (),
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.optim_cfg = dict(optim)
+        self.sched_cfg = dict(scheduler or {"name": "none"})
+        self.label_smoothing = float(label_smoothing)
+        self.loss_terms = nn.ModuleList(loss_terms)
+        self.metrics: dict[str, dict[str, float]] = {}
+        self._scores: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
+
+    # ------------------------------------------------------------------ forward and losses
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        targets = self.task.targets(y)
+        loss = self.task.loss(logits, targets, self.label_smoothing)
+        for term in self.loss_terms:
+            extra = term(self, x, logits, targets)
+            self.log(f"train/loss_{term.name}", extra, on_step=False, on_epoch=True, batch_size=len(x))
+            loss = loss + extra
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x))
+        return loss
+
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> None:
+        x, y = batch
+        logits = self(x)
+        loss = self.task.loss(logits, self.task.targets(y))
+        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
+        self._scores[split].append((y.detach().cpu(), self.task.scores(logits.float()).detach().cpu()))
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    # ------------------------------------------------------------------ epoch metrics
+    def _gather(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        pairs, self._scores[split] = self._scores[split], []
+        y = torch.cat([p[0] for p in pairs])
+        s = torch.cat([p[1] for p in pairs])
+        if self.trainer is not None and self.trainer.world_size > 1:
+            y = self.all_gather(y).flatten(0, 1)
+            s = self.all_gather(s).flatten(0, 1)
+        return y.numpy(), s.numpy()
+
+    def _epoch_metrics(self, split: str) -> None:
+        if not self._scores[split]:
+            return
+        y, s = self._gather(split)
+        metrics = compute_metrics(y, s, self.task.type)
+        self.metrics[split] = metrics
+        for name, value in metrics.items():
+            self.log(f"{split}/{name}", value, prog_bar=split == "val" and name == "auc")
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_metrics("test")
+
+    # ------------------------------------------------------------------ optimisation
+    def is_no_decay(self, name: str, param: nn.Parameter) -> bool:
+        if param.ndim <= 1:
+            return True
+        parts = name.split(".")
+        return any(key in parts for key in self.no_decay_names)
+
+    def param_groups(self) -> list[dict]:
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                (no_decay if self.is_no_decay(name, p) else decay).append(p)
+        wd = float(self.optim_cfg.get("weight_decay", 0.0))
+        return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def warmup_fraction(self) -> float:
+        warmup = self.sched_cfg.get("warmup")
+        return self.default_warmup if warmup is None else float(warmup)
+
+    def configure_optimizers(self):
+        kwargs = {k: v for k, v in self.optim_cfg.items() if not k.startswith("_")}
+        optimizer = hydra.utils.get_class(self.optim_cfg["_target_"])(self.param_groups(), **kwargs)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        factor = lr_factor(self.sched_cfg, total, self.warmup_fraction())
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class _LRFactor:
+    """Multiplier of the base learning rate at a given step (a picklable LambdaLR function)."""
+
+    def __init__(self, name: str, total: int, warmup_steps: int, min_ratio: float, milestones: list[int], gamma: float):
+        self.name, self.total, self.warmup_steps = name, total, warmup_steps
+        self.min_ratio, self.milestones, self.gamma = min_ratio, milestones, gamma
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.name == "cosine":
+            progress = (step - self.warmup_steps) / max(1, self.total - self.warmup_steps)
+            return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if self.name == "multistep":
+            return self.gamma ** sum(step >= m for m in self.milestones)
+        return 1.0
+
+
+def lr_factor(cfg: dict, total_steps: int, warmup: float) -> _LRFactor:
+    """Build the step-wise schedule: cosine, multistep (milestones as fractions of training) or none."""
+    name = cfg.get("name", "none")
+    if name not in ("cosine", "multistep", "none"):
+        raise ConfigError(f"scheduler.name must be cosine, multistep or none, got {name!r}")
+    milestones = [int(float(m) * total_steps) for m in cfg.get("milestones", [])]
+    return _LRFactor(
+        name,
+        total_steps,
+        int(round(warmup * total_steps)),
+        float(cfg.get("min_lr_ratio", 0.0)),
+        milestones,
+        float(cfg.get("gamma", 0.1)),
+    )

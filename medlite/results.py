@@ -1,0 +1,95 @@
+"""results.json: the one record of a run that tables, W&B summaries and plots read from."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+log = logging.getLogger(__name__)
+
+_PACKAGES = ("medlite", "torch", "torchvision", "pytorch-lightning", "timm", "monai", "torchmetrics", "hydra-core", "medmnist", "wandb", "numpy")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_revision(path: str | os.PathLike | None = None) -> str | None:
+    """HEAD of the repository medlite runs from, with ``+dirty`` for uncommitted changes; None outside git."""
+    cwd = Path(path) if path else Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("+dirty" if dirty else "")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; null means "undefined" (e.g. AUC with one class)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item"):
+        return _jsonable(value.item())
+    return value
+
+
+def write_json(path: str | os.PathLike, data: dict) -> Path:
+    """Write atomically so a crash never leaves half a results file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_jsonable(data), f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def print_summary(results: dict, console: Console | None = None) -> None:
+    """The closing table of a run: test (and best validation) metrics, size, and where it all went."""
+    console = console or Console()
+    data = results.get("data", {})
+    title = f"{results.get('model', {}).get('name')} on {data.get('flag')} ({data.get('size')} px)"
+    if data.get("synthetic"):
+        title += " [SYNTHETIC data]"
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("test", justify="right")
+    table.add_column("val (best ckpt)", justify="right")
+    test, val = results.get("test") or {}, results.get("val") or {}
+    for key in test or val:
+        fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"  # noqa: E731
+        table.add_row(key, fmt(test.get(key)), fmt(val.get(key)))
+    console.print(table)
+    params = results.get("model", {}).get("params")
+    console.print(
+        f"params {params:,} | wall time {results.get('wall_time_s', 0):.1f} s | status {results.get('status')}"
+        if params is not None
+        else f"status {results.get('status')}"
+    )
+    console.print(f"run directory: [bold]{results.get('run_dir')}[/bold]")
