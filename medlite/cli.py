@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 
 from omegaconf import DictConfig
 from rich.console import Console
@@ -22,10 +23,19 @@ def _is_multirun() -> bool:
         return False
 
 
+def quiet_third_party() -> None:
+    """Drop library chatter that says nothing about the user's run."""
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+
+
 def train(cfg: DictConfig) -> float | None:
     """Entry used by ``train.py``: run the pipeline; print MedliteErrors cleanly unless ``show_traceback``."""
     from medlite.pipeline import run
 
+    quiet_third_party()
     try:
         return run(cfg)
     except MedliteError as err:
