@@ -41,8 +41,7 @@ def train(cfg: DictConfig) -> float | None:
     except MedliteError as err:
         if cfg.get("show_traceback"):
             raise
-        log.error("%s: %s", type(err).__name__, err)
-        Console(stderr=True).print(
+        Console(stderr=True, soft_wrap=True).print(
             f"[bold red]medlite: {type(err).__name__}[/bold red]: {err}\n"
             "[dim](add show_traceback=true for the full traceback)[/dim]",
             highlight=False,

@@ -65,24 +65,38 @@ def _instantiate_dict(group: DictConfig | None) -> list:
     return [hydra.utils.instantiate(spec) for spec in group.values() if spec is not None and "_target_" in spec]
 
 
-def _clean_failed_start(output_dir: Path) -> None:
-    """Remove what Hydra wrote for a run that failed before training: nothing half-written stays."""
+def _clean_failed_start(output_dir: Path, log_dir: Path) -> None:
+    """Remove what Hydra wrote for a run that failed before training: nothing half-written stays
+    (the run directory and the parents it left empty, up to ``paths.log_dir``)."""
     for name in (".hydra", "train.log"):
         target = output_dir / name
         if target.is_dir():
             shutil.rmtree(target, ignore_errors=True)
         elif target.exists():
             target.unlink()
-    try:
-        output_dir.rmdir()  # only if now empty
-    except OSError:
-        pass
+    log_dir = log_dir.resolve()
+    current = output_dir.resolve()
+    while current != log_dir and log_dir in current.parents:
+        try:
+            current.rmdir()  # only if empty
+        except OSError:
+            return
+        current = current.parent
+    if current == output_dir.resolve():  # run dir outside log_dir (e.g. hydra.run.dir=...)
+        try:
+            current.rmdir()
+        except OSError:
+            pass
 
 
-def _finish_wandb(loggers: list) -> None:
+def _finish_wandb(loggers: list, results: dict) -> None:
+    """Close every W&B run of this job (so the next sweep job starts its own), with the final numbers."""
     for lg in loggers:
         if type(lg).__name__ == "WandbLogger" and getattr(lg, "_experiment", None) is not None:
-            lg.experiment.finish()
+            summary = {"status": results["status"], "params": results["model"]["params"]}
+            summary.update({f"final_test/{k}": v for k, v in (results.get("test") or {}).items()})
+            lg.experiment.summary.update(summary)
+            lg.experiment.finish(exit_code=0 if results["status"] == "ok" else 1)
 
 
 def run(cfg: DictConfig) -> float:
@@ -108,7 +122,7 @@ def run(cfg: DictConfig) -> float:
             loss_terms=[t for s in steps for t in s.loss_terms()],
         )
     except MedliteError:
-        _clean_failed_start(output_dir)
+        _clean_failed_start(output_dir, Path(cfg.paths.log_dir))
         raise
 
     checkpoint = ModelCheckpoint(
@@ -163,7 +177,7 @@ def run(cfg: DictConfig) -> float:
     finally:
         results["wall_time_s"] = round(time.time() - start, 2)
         write_json(output_dir / "results.json", results)
-        _finish_wandb(loggers)
+        _finish_wandb(loggers, results)
     print_summary(results)
     return _optimized(results, cfg.optimized_metric)
 

@@ -282,6 +282,7 @@ def _atomic_write_bytes(target: pathlib.Path, data: bytes) -> None:
 
 
 def _manual_fix(name: str, path: pathlib.Path, url: str, *, downloading: bool = False) -> str:
+    md5 = _expected_md5_by_name(name)
     last = (
         "  - try again later with network access (data.download=true retries the download)"
         if downloading
@@ -289,10 +290,20 @@ def _manual_fix(name: str, path: pathlib.Path, url: str, *, downloading: bool = 
     )
     return (
         "To fix it, do one of:\n"
-        f"  - download it by hand: curl -L -o '{path}' '{url}'\n"
+        f"  - download it by hand: curl -L -o '{path}' '{url}' (its MD5 must be {md5})\n"
         f"  - point paths.data_dir=... (or env MEDLITE_DATA_DIR) at a folder that has {name}\n"
         + last
     )
+
+
+def _expected_md5_by_name(name: str) -> str:
+    """The official MD5 of a MedMNIST file name such as ``breastmnist_64.npz`` ('unknown' if none)."""
+    stem = name.removesuffix(".npz")
+    flag, _, size = stem.rpartition("_") if stem.rsplit("_", 1)[-1].isdigit() else (stem, "", "28")
+    try:
+        return expected_md5(flag, int(size))
+    except (ConfigError, KeyError, ValueError):
+        return "unknown"
 
 
 def ensure_file(

@@ -87,7 +87,7 @@ class MedliteModule(pl.LightningModule):
         pairs, self._scores[split] = self._scores[split], []
         y = torch.cat([p[0] for p in pairs])
         s = torch.cat([p[1] for p in pairs])
-        if self.trainer is not None and self.trainer.world_size > 1:
+        if self._trainer is not None and self._trainer.world_size > 1:
             y = self.all_gather(y).flatten(0, 1)
             s = self.all_gather(s).flatten(0, 1)
         return y.numpy(), s.numpy()
