@@ -20,7 +20,14 @@ def _get(cfg: DictConfig, key: str):
         raise ConfigError(f"config value '{key}' could not be resolved: {err}") from None
 
 
-def _number(cfg: DictConfig, key: str, *, low: float | None = None, strict: bool = False, integer: bool = False):
+def _number(
+    cfg: DictConfig,
+    key: str,
+    *,
+    low: float | None = None,
+    strict: bool = False,
+    integer: bool = False,
+):
     value = _get(cfg, key)
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
@@ -41,7 +48,9 @@ def validate(cfg: DictConfig) -> None:
         medmnist.get_info(flag)  # unknown flag -> ConfigError with suggestions
         valid = medmnist.valid_sizes(flag)
     if size not in valid:
-        raise ConfigError(f"data.size={size!r} is not available for {flag}; valid sizes: {', '.join(map(str, valid))}")
+        raise ConfigError(
+            f"data.size={size!r} is not available for {flag}; valid sizes: {', '.join(map(str, valid))}"
+        )
     input_size = _get(cfg, "model.input_size")
     if input_size is not None:
         _number(cfg, "model.input_size", low=8, integer=True)
@@ -63,7 +72,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"scheduler.name must be cosine, multistep or none, got {sched!r}")
     warmup = _get(cfg, "scheduler.warmup")
     if warmup is not None and not (isinstance(warmup, (int, float)) and 0 <= warmup < 1):
-        raise ConfigError(f"scheduler.warmup is a fraction of training in [0, 1) or null, got {warmup!r}")
+        raise ConfigError(
+            f"scheduler.warmup is a fraction of training in [0, 1) or null, got {warmup!r}"
+        )
     metric = _get(cfg, "optimized_metric")
     if metric not in ("val/auc", "val/acc", "test/auc", "test/acc"):
-        raise ConfigError(f"optimized_metric must be one of val/auc, val/acc, test/auc, test/acc; got {metric!r}")
+        raise ConfigError(
+            f"optimized_metric must be one of val/auc, val/acc, test/auc, test/acc; got {metric!r}"
+        )

@@ -30,12 +30,16 @@ def auc(y_true: np.ndarray, y_score: np.ndarray, task: str) -> float:
     y_true = np.asarray(y_true).squeeze()
     y_score = np.asarray(y_score).squeeze()
     if task == MULTILABEL:
-        return float(np.mean([_safe_auc(y_true[:, i], y_score[:, i]) for i in range(y_score.shape[1])]))
+        return float(
+            np.mean([_safe_auc(y_true[:, i], y_score[:, i]) for i in range(y_score.shape[1])])
+        )
     if task == BINARY:
         if y_score.ndim == 2:
             y_score = y_score[:, -1]
         return _safe_auc(y_true, y_score)
-    per_class = [_safe_auc((y_true == i).astype(float), y_score[:, i]) for i in range(y_score.shape[1])]
+    per_class = [
+        _safe_auc((y_true == i).astype(float), y_score[:, i]) for i in range(y_score.shape[1])
+    ]
     return float(np.mean(per_class))
 
 
@@ -45,7 +49,9 @@ def acc(y_true: np.ndarray, y_score: np.ndarray, task: str, threshold: float = 0
     y_score = np.asarray(y_score).squeeze()
     if task == MULTILABEL:
         y_pred = y_score > threshold
-        return float(np.mean([accuracy_score(y_true[:, i], y_pred[:, i]) for i in range(y_true.shape[1])]))
+        return float(
+            np.mean([accuracy_score(y_true[:, i], y_pred[:, i]) for i in range(y_true.shape[1])])
+        )
     if task == BINARY:
         if y_score.ndim == 2:
             y_score = y_score[:, -1]

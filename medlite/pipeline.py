@@ -50,11 +50,20 @@ def build_datamodule(cfg: DictConfig) -> MedMNISTDataModule:
     )
 
 
-def build_model(model_cfg: DictConfig, num_classes: int, in_chans: int, img_size: int) -> torch.nn.Module:
+def build_model(
+    model_cfg: DictConfig, num_classes: int, in_chans: int, img_size: int
+) -> torch.nn.Module:
     """A model (or teacher) config -> nn.Module."""
-    kwargs = OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}
+    kwargs = (
+        OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}
+    )
     return create_model(
-        model_cfg.arch, num_classes=num_classes, in_chans=in_chans, img_size=img_size, pretrained=model_cfg.pretrained, **kwargs
+        model_cfg.arch,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        img_size=img_size,
+        pretrained=model_cfg.pretrained,
+        **kwargs,
     )
 
 
@@ -62,7 +71,11 @@ def _instantiate_dict(group: DictConfig | None) -> list:
     """Instantiate every entry of a ``{name: {_target_: ...}}`` group, skipping nulls."""
     if not group:
         return []
-    return [hydra.utils.instantiate(spec) for spec in group.values() if spec is not None and "_target_" in spec]
+    return [
+        hydra.utils.instantiate(spec)
+        for spec in group.values()
+        if spec is not None and "_target_" in spec
+    ]
 
 
 def _clean_failed_start(output_dir: Path, log_dir: Path) -> None:
@@ -110,7 +123,9 @@ def run(cfg: DictConfig) -> float:
         dm.setup()  # fails now, not mid-training, on a missing or corrupt file
         in_chans, img_size = dm.in_chans, dm.preprocess.input_size
         model = build_model(cfg.model, dm.task.num_outputs, in_chans, img_size)
-        steps = build_steps(OmegaConf.to_container(cfg.compress.steps, resolve=True) if cfg.compress.steps else [])
+        steps = build_steps(
+            OmegaConf.to_container(cfg.compress.steps, resolve=True) if cfg.compress.steps else []
+        )
         for step in steps:
             model = step.prepare(model, dm)
         module = module_class(cfg.model.paradigm)(
@@ -133,12 +148,22 @@ def run(cfg: DictConfig) -> float:
         save_last=True,
         auto_insert_metric_name=False,
     )
-    callbacks = [checkpoint, NaNGuard(), *_instantiate_dict(cfg.get("callbacks")), *(c for s in steps for c in s.callbacks())]
+    callbacks = [
+        checkpoint,
+        NaNGuard(),
+        *_instantiate_dict(cfg.get("callbacks")),
+        *(c for s in steps for c in s.callbacks()),
+    ]
     loggers = _instantiate_dict(cfg.get("logger"))
     results: dict = {
         "status": "running",
         "run_dir": str(output_dir),
-        "model": {"name": cfg.model.name, "arch": cfg.model.arch, "paradigm": cfg.model.paradigm, "params": count_parameters(model)},
+        "model": {
+            "name": cfg.model.name,
+            "arch": cfg.model.arch,
+            "paradigm": cfg.model.paradigm,
+            "params": count_parameters(model),
+        },
         "compress": {"name": cfg.compress.name, "steps": [s.name for s in steps]},
         "data": dm.describe(),
         "seed": cfg.seed,
@@ -149,12 +174,16 @@ def run(cfg: DictConfig) -> float:
     try:
         for lg in loggers:
             lg.log_hyperparams(results["config"])
-        trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        trainer: pl.Trainer = hydra.utils.instantiate(
+            cfg.trainer, callbacks=callbacks, logger=loggers or False
+        )
         trainer.fit(module, datamodule=dm)
         best = checkpoint.best_model_path or None
         results["best_checkpoint"] = best
         if best:  # the MedMNIST protocol: test the checkpoint with the best validation AUC
-            module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+            module.load_state_dict(
+                torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
+            )
             trainer.validate(module, datamodule=dm, verbose=False)
         results["val"] = dict(module.metrics.get("val", {}))
         trainer.test(module, datamodule=dm, verbose=False)
@@ -164,7 +193,9 @@ def run(cfg: DictConfig) -> float:
             if final is not None:
                 module.model = final
                 trainer.test(module, datamodule=dm, verbose=False)
-                results.setdefault("finalized", {})[step.name] = dict(module.metrics.get("test", {}))
+                results.setdefault("finalized", {})[step.name] = dict(
+                    module.metrics.get("test", {})
+                )
         results["status"] = "ok"
     except MedliteError as err:
         results["status"] = "failed"

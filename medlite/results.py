@@ -18,7 +18,19 @@ from rich.table import Table
 
 log = logging.getLogger(__name__)
 
-_PACKAGES = ("medlite", "torch", "torchvision", "pytorch-lightning", "timm", "monai", "torchmetrics", "hydra-core", "medmnist", "wandb", "numpy")
+_PACKAGES = (
+    "medlite",
+    "torch",
+    "torchvision",
+    "pytorch-lightning",
+    "timm",
+    "monai",
+    "torchmetrics",
+    "hydra-core",
+    "medmnist",
+    "wandb",
+    "numpy",
+)
 
 
 def package_versions() -> dict[str, str | None]:
@@ -35,8 +47,21 @@ def git_revision(path: str | os.PathLike | None = None) -> str | None:
     """HEAD of the repository medlite runs from, with ``+dirty`` for uncommitted changes; None outside git."""
     cwd = Path(path) if path else Path(__file__).resolve().parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True, timeout=5).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
     return sha + ("+dirty" if dirty else "")

@@ -75,7 +75,9 @@ def medlite_loop(model: torch.nn.Module, dm: MedMNISTDataModule, epochs: int, lo
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default="synthlesion")
     parser.add_argument("--data-dir", default="~/.medmnist")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -88,7 +90,13 @@ def main() -> None:
 
     import tempfile
 
-    dm = MedMNISTDataModule(args.data, root=args.data_dir, download=False, batch_size=args.batch_size, augment={"hflip": 0.5, "rotate": 10, "translate": 0.1, "scale": [0.9, 1.1]})
+    dm = MedMNISTDataModule(
+        args.data,
+        root=args.data_dir,
+        download=False,
+        batch_size=args.batch_size,
+        augment={"hflip": 0.5, "rotate": 10, "translate": 0.1, "scale": [0.9, 1.1]},
+    )
     dm.setup()
     torch.manual_seed(0)
     base = create_model("litecnn", dm.task.num_outputs, dm.in_chans, dm.size, **LITECNN)
@@ -98,14 +106,18 @@ def main() -> None:
         for _ in range(args.repeats):
             hand.append(hand_loop(copy.deepcopy(base), dm, args.epochs))
             lite.append(medlite_loop(copy.deepcopy(base), dm, args.epochs, logdir))
-    table = Table(title=f"training throughput, litecnn on {args.data} ({dm.size} px), batch {args.batch_size}, {torch.get_num_threads()} threads")
+    table = Table(
+        title=f"training throughput, litecnn on {args.data} ({dm.size} px), batch {args.batch_size}, {torch.get_num_threads()} threads"
+    )
     table.add_column("loop")
     table.add_column("images/s (best)", justify="right")
     table.add_column("images/s (median)", justify="right")
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
     table.add_row("hand-written PyTorch", f"{max(hand):.0f}", f"{med(hand):.0f}")
     table.add_row("medlite (Lightning)", f"{max(lite):.0f}", f"{med(lite):.0f}")
-    table.add_row("ratio medlite / hand", f"{max(lite) / max(hand):.3f}", f"{med(lite) / med(hand):.3f}")
+    table.add_row(
+        "ratio medlite / hand", f"{max(lite) / max(hand):.3f}", f"{med(lite) / med(hand):.3f}"
+    )
     Console().print(table)
 
 

@@ -12,7 +12,19 @@ from medlite.errors import ConfigError
 from medlite.pipeline import _instantiate_dict, build_datamodule, build_model
 from tests.helpers import CONF_DIR, make_cfg
 
-GROUPS = ["data", "model", "teacher", "compress", "optim", "scheduler", "trainer", "callbacks", "logger", "experiment", "debug"]
+GROUPS = [
+    "data",
+    "model",
+    "teacher",
+    "compress",
+    "optim",
+    "scheduler",
+    "trainer",
+    "callbacks",
+    "logger",
+    "experiment",
+    "debug",
+]
 
 
 def _options(group: str) -> list[str]:
@@ -46,7 +58,10 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path) -> 
         out = model(torch.zeros(2, dm.in_chans, size, size))
         assert out.shape == (2, dm.task.num_outputs)
     if group == "optim":
-        opt = hydra.utils.get_class(cfg.optim._target_)([torch.nn.Parameter(torch.zeros(1))], **{k: v for k, v in cfg.optim.items() if not k.startswith("_")})
+        opt = hydra.utils.get_class(cfg.optim._target_)(
+            [torch.nn.Parameter(torch.zeros(1))],
+            **{k: v for k, v in cfg.optim.items() if not k.startswith("_")},
+        )
         assert opt.param_groups[0]["lr"] == cfg.optim.lr
     if group in ("trainer", "debug"):
         if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():

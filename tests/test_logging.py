@@ -19,7 +19,12 @@ def test_wandb_offline_run_has_config_and_is_finished(tmp_path: Path, monkeypatc
         for lg in loggers:
             if type(lg).__name__ == "WandbLogger":
                 run = lg.experiment
-                seen.update(name=run.name, config=dict(run.config), offline=run.settings.mode, group=run.group)
+                seen.update(
+                    name=run.name,
+                    config=dict(run.config),
+                    offline=run.settings.mode,
+                    group=run.group,
+                )
         original(loggers, results)
 
     monkeypatch.setattr(pipeline, "_finish_wandb", spy)

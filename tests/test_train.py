@@ -39,7 +39,9 @@ def test_run_records_results_checkpoint_and_csv(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") > 2
 
 
-@pytest.mark.parametrize("flag", ["synthlesion_multiclass", "synthlesion_multilabel", "synthlesion_ordinal"])
+@pytest.mark.parametrize(
+    "flag", ["synthlesion_multiclass", "synthlesion_multilabel", "synthlesion_ordinal"]
+)
 def test_every_task_type_trains(tmp_path: Path, flag: str) -> None:
     _, res = _run(tmp_path, [f"data.flag={flag}"])
     assert res["status"] == "ok"
@@ -80,7 +82,13 @@ def test_invalid_values_fail_before_training(tmp_path: Path, override: str, need
 
 @pytest.mark.parametrize("group", ["model", "data", "compress"])
 def test_unknown_option_lists_valid_choices(group: str) -> None:
-    proc = subprocess.run([sys.executable, "train.py", f"{group}=nope"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "train.py", f"{group}=nope"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
     err = proc.stderr
     assert f"Could not find '{group}/nope'" in err and "Available options" in err
@@ -89,7 +97,10 @@ def test_unknown_option_lists_valid_choices(group: str) -> None:
 
 def test_missing_file_offline_is_one_clear_error(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cfg = make_cfg(out, FAST + ["data=breastmnist", f"paths.data_dir={tmp_path / 'empty'}", "data.download=false"])
+    cfg = make_cfg(
+        out,
+        FAST + ["data=breastmnist", f"paths.data_dir={tmp_path / 'empty'}", "data.download=false"],
+    )
     with pytest.raises(DataError) as info:
         run(cfg)
     msg = str(info.value)
@@ -103,7 +114,12 @@ def test_corrupt_file_is_named(tmp_path: Path, shared_data: Path) -> None:
     blob = (shared_data / "breastmnist.npz").read_bytes()
     (data_dir / "breastmnist.npz").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DataError, match="breastmnist.npz"):
-        run(make_cfg(tmp_path / "run", FAST + ["data=breastmnist", f"paths.data_dir={data_dir}", "data.download=false"]))
+        run(
+            make_cfg(
+                tmp_path / "run",
+                FAST + ["data=breastmnist", f"paths.data_dir={data_dir}", "data.download=false"],
+            )
+        )
     assert not (tmp_path / "run").exists()
 
 
@@ -132,7 +148,9 @@ class _NaNStep(CompressionStep):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setitem(compress.STEP_TYPES, "nan_after", _NaNStep)
     out = tmp_path / "run"
-    cfg = make_cfg(out, FAST + ["trainer.max_epochs=3", "+compress.steps=[{kind: nan_after, steps: 4}]"])
+    cfg = make_cfg(
+        out, FAST + ["trainer.max_epochs=3", "+compress.steps=[{kind: nan_after, steps: 4}]"]
+    )
     with pytest.raises(TrainingError, match="NaN|nan"):
         run(cfg)
     res = json.loads((out / "results.json").read_text())
@@ -147,7 +165,11 @@ def test_train_py_end_to_end(tmp_path: Path) -> None:
     env = {**os.environ, "MEDLITE_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.run(
         [sys.executable, "train.py", "debug=limit", f"hydra.run.dir={tmp_path / 'run'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "run directory" in proc.stdout and "SYNTHETIC" in proc.stdout

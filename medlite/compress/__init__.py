@@ -19,7 +19,9 @@ def build_steps(step_cfgs: list[dict] | None) -> list[CompressionStep]:
         kind = params.pop("kind", None)
         if kind not in STEP_TYPES:
             valid = ", ".join(sorted(STEP_TYPES)) or "(none available yet)"
-            raise ConfigError(f"compress.steps[{i}]: unknown step kind {kind!r}; valid kinds: {valid}")
+            raise ConfigError(
+                f"compress.steps[{i}]: unknown step kind {kind!r}; valid kinds: {valid}"
+            )
         steps.append(STEP_TYPES[kind](**params))
     return steps
 

@@ -24,7 +24,9 @@ class LossTerm(nn.Module):
 
     name = "extra"
 
-    def forward(self, module: MedliteModule, x: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, module: MedliteModule, x: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:
         raise NotImplementedError
 
 

@@ -70,37 +70,55 @@ _BINARY_LABELS = {"0": "benign-like (round/smooth)", "1": "malignant-like (irreg
 
 _VARIANTS: dict[str, _Variant] = {
     "synthlesion": _Variant(
-        "binary", 2, "binary-class", _BINARY_LABELS,
-        {"train": 1000, "val": 200, "test": 400}, "SynthLesion",
+        "binary",
+        2,
+        "binary-class",
+        _BINARY_LABELS,
+        {"train": 1000, "val": 200, "test": 400},
+        "SynthLesion",
         "benign-like (circumscribed or lobulated) vs malignant-like (irregular or spiculated) "
         "lesion margins",
     ),
     "synthlesion_multiclass": _Variant(
-        "multiclass", 2, "multi-class", {str(i): n for i, n in enumerate(_MARGIN_NAMES)},
-        {"train": 400, "val": 100, "test": 200}, "SynthLesionMultiClass",
+        "multiclass",
+        2,
+        "multi-class",
+        {str(i): n for i, n in enumerate(_MARGIN_NAMES)},
+        {"train": 400, "val": 100, "test": 200},
+        "SynthLesionMultiClass",
         "4 lesion margin shapes: circumscribed, lobulated, irregular, spiculated",
     ),
     "synthlesion_multilabel": _Variant(
-        "multilabel", 2, "multi-label, binary-class",
+        "multilabel",
+        2,
+        "multi-label, binary-class",
         {
             "0": "irregular or spiculated margin",
             "1": "posterior acoustic shadowing",
             "2": "calcifications (bright echogenic foci)",
             "3": "multiple lesions",
         },
-        {"train": 400, "val": 100, "test": 200}, "SynthLesionMultiLabel",
+        {"train": 400, "val": 100, "test": 200},
+        "SynthLesionMultiLabel",
         "4 independent findings: irregular/spiculated margin, posterior shadowing, "
         "calcifications, multiple lesions",
     ),
     "synthlesion_ordinal": _Variant(
-        "ordinal", 2, "ordinal-regression",
+        "ordinal",
+        2,
+        "ordinal-regression",
         {str(i): f"margin irregularity grade {i}" for i in range(5)},
-        {"train": 400, "val": 100, "test": 200}, "SynthLesionOrdinal",
+        {"train": 400, "val": 100, "test": 200},
+        "SynthLesionOrdinal",
         "5 ordered grades of margin irregularity (0 = smooth ... 4 = strongly spiculated)",
     ),
     "synthlesion3d": _Variant(
-        "binary", 3, "binary-class", _BINARY_LABELS,
-        {"train": 300, "val": 60, "test": 120}, "SynthLesion3D",
+        "binary",
+        3,
+        "binary-class",
+        _BINARY_LABELS,
+        {"train": 300, "val": 60, "test": 120},
+        "SynthLesion3D",
         "3D volumes; benign-like (smooth/lobulated) vs malignant-like (irregular/spiculated) "
         "lesion surfaces",
     ),
@@ -146,7 +164,11 @@ def _variant(flag: str) -> _Variant:
 
 def _check_size(flag: str, v: _Variant, size: int) -> int:
     allowed = SIZES_3D if v.ndim == 3 else SIZES_2D
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or int(size) not in allowed:
+    if (
+        isinstance(size, bool)
+        or not isinstance(size, (int, np.integer))
+        or int(size) not in allowed
+    ):
         raise ConfigError(f"size {size!r} is not available for {flag!r}; choose one of {allowed}")
     return int(size)
 
@@ -155,7 +177,9 @@ def _check_n_samples(flag: str, n_samples: dict[str, int] | None, v: _Variant) -
     if n_samples is None:
         return dict(v.n_samples)
     if set(n_samples) != set(SPLITS):
-        raise ConfigError(f"n_samples for {flag!r} needs exactly the keys {SPLITS}, got {sorted(n_samples)}")
+        raise ConfigError(
+            f"n_samples for {flag!r} needs exactly the keys {SPLITS}, got {sorted(n_samples)}"
+        )
     out = {}
     for split in SPLITS:
         n = n_samples[split]
@@ -204,8 +228,13 @@ def _random_dirs(rng: np.random.Generator, shape: tuple[int, ...], ndim: int) ->
 
 
 def _bump_group(
-    rng: np.random.Generator, counts: np.ndarray, slots: int, h: tuple[float, float],
-    k: tuple[float, float], ndim: int, p_notch: float = 0.0,
+    rng: np.random.Generator,
+    counts: np.ndarray,
+    slots: int,
+    h: tuple[float, float],
+    k: tuple[float, float],
+    ndim: int,
+    p_notch: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``slots`` bumps per sample of which the first ``counts[i]`` are active (fixed draw sizes
     keep the random stream independent of the labels drawn); a ``p_notch`` share of them are
@@ -241,14 +270,33 @@ def _margin_bumps(
         # macro-lobulation: a few smooth lobes
         lobes,
         # irregular: many medium bumps and notches
-        _bump_group(rng, _counts(rng, margin == IRREGULAR, 7 * m3, 10 * m3), 10 * m3,
-                    (0.15, 0.42), (8.0, 24.0), ndim, p_notch=0.35),
+        _bump_group(
+            rng,
+            _counts(rng, margin == IRREGULAR, 7 * m3, 10 * m3),
+            10 * m3,
+            (0.15, 0.42),
+            (8.0, 24.0),
+            ndim,
+            p_notch=0.35,
+        ),
         # microlobulation on irregular margins
-        _bump_group(rng, _counts(rng, margin == IRREGULAR, 6 * m3, 10 * m3), 10 * m3,
-                    (0.08, 0.18), (40.0, 100.0), ndim),
+        _bump_group(
+            rng,
+            _counts(rng, margin == IRREGULAR, 6 * m3, 10 * m3),
+            10 * m3,
+            (0.08, 0.18),
+            (40.0, 100.0),
+            ndim,
+        ),
         # spicules: narrow, tall spikes
-        _bump_group(rng, _counts(rng, margin == SPICULATED, 6 * m3, 12 * m3), 12 * m3,
-                    (0.55, 1.1), (30.0, 90.0), ndim),
+        _bump_group(
+            rng,
+            _counts(rng, margin == SPICULATED, 6 * m3, 12 * m3),
+            12 * m3,
+            (0.55, 1.1),
+            (30.0, 90.0),
+            ndim,
+        ),
     ]
     dirs, heights, kappas = (np.concatenate(parts, axis=1) for parts in zip(*groups, strict=True))
     return dirs, heights, kappas
@@ -262,8 +310,12 @@ def _ordinal_bumps(
     m3 = 2 if ndim == 3 else 1
     amp = np.clip(grade / 4.0 + rng.uniform(-0.06, 0.06, n) * (grade > 0), 0.0, 1.1)
     wob = _bump_group(rng, np.full(n, 3 * m3), 3 * m3, (0.0, 0.06), (1.0, 3.0), ndim, 0.5)
-    irr = _bump_group(rng, rng.integers(6 * m3, 9 * m3 + 1, n), 9 * m3, (0.15, 0.4), (8.0, 24.0), ndim, 0.35)
-    spk = _bump_group(rng, rng.integers(5 * m3, 10 * m3 + 1, n), 10 * m3, (0.45, 1.0), (30.0, 90.0), ndim)
+    irr = _bump_group(
+        rng, rng.integers(6 * m3, 9 * m3 + 1, n), 9 * m3, (0.15, 0.4), (8.0, 24.0), ndim, 0.35
+    )
+    spk = _bump_group(
+        rng, rng.integers(5 * m3, 10 * m3 + 1, n), 10 * m3, (0.45, 1.0), (30.0, 90.0), ndim
+    )
     dirs = np.concatenate([wob[0], irr[0], spk[0]], axis=1)
     heights = np.concatenate([wob[1], irr[1] * amp[:, None], spk[1] * amp[:, None]], axis=1)
     kappas = np.concatenate([wob[2], irr[2], spk[2]], axis=1)
@@ -278,15 +330,20 @@ def _random_rotations(rng: np.random.Generator, n: int, ndim: int) -> np.ndarray
     q = rng.standard_normal((n, 4))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     w, x, y, z = q.T
-    return np.stack([
-        np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
-        np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
-        np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
-    ], axis=1)
+    return np.stack(
+        [
+            np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+            np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+            np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1),
+        ],
+        axis=1,
+    )
 
 
 def _make_lesions(
-    rng: np.random.Generator, bumps: tuple[np.ndarray, np.ndarray, np.ndarray], ndim: int,
+    rng: np.random.Generator,
+    bumps: tuple[np.ndarray, np.ndarray, np.ndarray],
+    ndim: int,
     rbar_range: tuple[float, float],
 ) -> _Lesions:
     """Pose and size of the primary lesions: identical distributions for every class."""
@@ -303,9 +360,16 @@ def _make_lesions(
         e = rng.uniform(-0.22, 0.22, (n, 3))
         axes = np.exp(e - e.mean(axis=1, keepdims=True))
     les = _Lesions(
-        present=np.ones(n, bool), center=center, rot=_random_rotations(rng, n, ndim), axes=axes,
-        dirs=bumps[0], heights=bumps[1], kappas=bumps[2],
-        rbar=rng.uniform(*rbar_range, n), scale=np.zeros(n), table=np.zeros((n, 0)),
+        present=np.ones(n, bool),
+        center=center,
+        rot=_random_rotations(rng, n, ndim),
+        axes=axes,
+        dirs=bumps[0],
+        heights=bumps[1],
+        kappas=bumps[2],
+        rbar=rng.uniform(*rbar_range, n),
+        scale=np.zeros(n),
+        table=np.zeros((n, 0)),
     )
     _solve_scale(les, ndim)
     return les
@@ -383,7 +447,9 @@ def _lookup(table: np.ndarray, v: list[np.ndarray], rho: np.ndarray, ndim: int) 
     nt, nphi = _GRID_3D
     polar = np.arccos(np.clip(v[2] / np.maximum(rho, 1e-12), -1.0, 1.0))
     it = np.minimum((polar * (nt / np.pi)).astype(np.int64), nt - 1)
-    ip = np.minimum(((np.arctan2(v[1], v[0]) + np.pi) * (nphi / (2 * np.pi))).astype(np.int64), nphi - 1)
+    ip = np.minimum(
+        ((np.arctan2(v[1], v[0]) + np.pi) * (nphi / (2 * np.pi))).astype(np.int64), nphi - 1
+    )
     return flat[offset + it * nphi + ip]
 
 
@@ -539,8 +605,14 @@ def _sample_scene(v: _Variant, n: int, rng: np.random.Generator) -> _Scene:
         "gain": rng.uniform(0.5, 0.75, n),
     }
     return _Scene(
-        labels=labels.astype(np.uint8), lesions=lesions, contrast=contrast, post_mode=post_mode,
-        post_strength=post_strength, calc_pos=calc_pos, calc_amp=calc_amp, tissue=tissue,
+        labels=labels.astype(np.uint8),
+        lesions=lesions,
+        contrast=contrast,
+        post_mode=post_mode,
+        post_strength=post_strength,
+        calc_pos=calc_pos,
+        calc_amp=calc_amp,
+        tissue=tissue,
     )
 
 
@@ -567,7 +639,9 @@ def _basis(size: int, coarse: int) -> np.ndarray:
     return (b / np.sqrt((b**2).sum(axis=1, keepdims=True))).astype(np.float32)
 
 
-def _smooth_field(rng: np.random.Generator, n: int, coarse: tuple[int, ...], size: int) -> np.ndarray:
+def _smooth_field(
+    rng: np.random.Generator, n: int, coarse: tuple[int, ...], size: int
+) -> np.ndarray:
     """Low-frequency random texture with about unit std: coarse noise, smoothly upsampled.
 
     Separable matrix products instead of spline zooming: same look, several times faster.
@@ -596,16 +670,20 @@ def _render_chunk(
     x = _axis_coord(size, ndim - 1, ndim)
 
     # layered tissue: skin line, subcutaneous fat, glandular tissue, optional chest wall
-    boundary = t["fat_depth"] + t["wave_amp"] * np.sin(2 * np.pi * t["wave_freq"] * x + t["wave_phase"])
+    boundary = t["fat_depth"] + t["wave_amp"] * np.sin(
+        2 * np.pi * t["wave_freq"] * x + t["wave_phase"]
+    )
     tissue = t["fat"] + (t["gland"] - t["fat"]) * _sigmoid((y - boundary) / 0.02)
     tissue = tissue + t["skin_amp"] * np.exp(-(((y - t["skin_depth"]) / 0.012) ** 2))
     wall = _sigmoid((y - t["wall_depth"]) / 0.015)
-    tissue = tissue + t["wall"] * ((t["muscle"] - tissue) * wall
-                                   + 0.5 * np.exp(-(((y - t["wall_depth"]) / 0.01) ** 2)))
+    tissue = tissue + t["wall"] * (
+        (t["muscle"] - tissue) * wall + 0.5 * np.exp(-(((y - t["wall_depth"]) / 0.01) ** 2))
+    )
     coarse_lf = (8, 4) if ndim == 2 else (4, 8, 4)
     coarse_mf = (16, 8) if ndim == 2 else (8, 16, 8)
-    field = (t["lf_sigma"] * _smooth_field(rng, n, coarse_lf, size)
-             + t["mf_sigma"] * _smooth_field(rng, n, coarse_mf, size))
+    field = t["lf_sigma"] * _smooth_field(rng, n, coarse_lf, size) + t["mf_sigma"] * _smooth_field(
+        rng, n, coarse_mf, size
+    )
     echo = tissue * np.exp(field)
 
     # hypoechoic lesion(s)
@@ -620,7 +698,8 @@ def _render_chunk(
     rbar = _col(p.rbar[idx], ndim)
     lateral = sum(
         ((_axis_coord(size, a, ndim) - _col(p.center[idx, a], ndim)) / (0.95 * rbar)) ** 2
-        for a in range(ndim) if a != depth_axis
+        for a in range(ndim)
+        if a != depth_axis
     )
     below = _sigmoid((y - _col(p.center[idx, depth_axis], ndim) - 0.35 * rbar) / (0.12 * rbar))
     post = np.exp(-(lateral**2)) * below
@@ -689,7 +768,11 @@ def _check_seed(seed: int) -> int:
 
 
 def generate(
-    flag: str, size: int = 28, *, seed: int = 0, n_samples: dict[str, int] | None = None,
+    flag: str,
+    size: int = 28,
+    *,
+    seed: int = 0,
+    n_samples: dict[str, int] | None = None,
     as_rgb: bool = False,
 ) -> dict[str, np.ndarray]:
     """The six MedMNIST arrays of a synthetic dataset, deterministic in all arguments.
@@ -754,6 +837,10 @@ def ensure_synthetic(
     sizes = ", ".join(f"{s} {len(arrays[f'{s}_labels'])}" for s in SPLITS)
     log.info(
         "Generated SYNTHETIC dataset %r (%d px, seed %d; %s; not real patient data) at %s",
-        flag.lower(), size, seed, sizes, target,
+        flag.lower(),
+        size,
+        seed,
+        sizes,
+        target,
     )
     return target

@@ -52,7 +52,9 @@ class Task:
             return labels.float()
         return labels.reshape(-1).long()
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    def loss(
+        self, logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0
+    ) -> torch.Tensor:
         if self.multilabel:
             if label_smoothing:
                 targets = targets * (1 - label_smoothing) + 0.5 * label_smoothing

@@ -36,22 +36,37 @@ def fit_to_size(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     if mode == "pad" and h <= size and w <= size:
         top, left = (size - h) // 2, (size - w) // 2
         return F.pad(x, (left, size - w - left, top, size - h - top))
-    return F.interpolate(x.unsqueeze(0), size=(size, size), mode="bilinear", antialias=h > size, align_corners=False)[0]
+    return F.interpolate(
+        x.unsqueeze(0), size=(size, size), mode="bilinear", antialias=h > size, align_corners=False
+    )[0]
 
 
 class Preprocess:
     """Deterministic part: to float, channels, input size, normalisation. Picklable for workers."""
 
-    def __init__(self, input_size: int, as_rgb: bool, mean: Sequence[float], std: Sequence[float], fit: str = "resize"):
+    def __init__(
+        self,
+        input_size: int,
+        as_rgb: bool,
+        mean: Sequence[float],
+        std: Sequence[float],
+        fit: str = "resize",
+    ):
         if fit not in FIT_MODES:
             raise ConfigError(f"data.fit must be one of {FIT_MODES}, got {fit!r}")
         self.input_size, self.as_rgb, self.fit = input_size, as_rgb, fit
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        x = fit_to_size(to_tensor(image, self.as_rgb), self.input_size, self.fit)
+    def prepare(self, image: np.ndarray) -> torch.Tensor:
+        """Float [0, 1] at the input size: where augmentation happens (black fill stays black)."""
+        return fit_to_size(to_tensor(image, self.as_rgb), self.input_size, self.fit)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return self.normalize(self.prepare(image))
 
     def describe(self) -> dict:
         """The input spec a deployed model needs (goes into results and the model card)."""
@@ -89,7 +104,7 @@ def build_augment(cfg: dict | None) -> Callable[[torch.Tensor], torch.Tensor] | 
 
 
 class _IntensityJitter(torch.nn.Module):
-    """Brightness/contrast jitter on normalised tensors (ColorJitter assumes [0, 1] RGB)."""
+    """Brightness/contrast jitter for 1- or 3-channel [0, 1] tensors (ColorJitter needs RGB)."""
 
     def __init__(self, brightness: float, contrast: float):
         super().__init__()
@@ -100,4 +115,4 @@ class _IntensityJitter(torch.nn.Module):
             x = x * (1 + (torch.rand(()) * 2 - 1) * self.contrast)
         if self.brightness:
             x = x + (torch.rand(()) * 2 - 1) * self.brightness
-        return x
+        return x.clamp_(0.0, 1.0)

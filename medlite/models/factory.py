@@ -31,10 +31,16 @@ def create_model(
     entry = registry.get_entry(name)
     if entry is not None:
         if pretrained:
-            raise ConfigError(f"model {name!r} is medlite's own architecture and has no pretrained weights")
+            raise ConfigError(
+                f"model {name!r} is medlite's own architecture and has no pretrained weights"
+            )
         if img_size < entry.min_size:
-            raise ConfigError(f"model {name!r} needs inputs of at least {entry.min_size} px, got {img_size}")
-        return entry.constructor(num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
+            raise ConfigError(
+                f"model {name!r} needs inputs of at least {entry.min_size} px, got {img_size}"
+            )
+        return entry.constructor(
+            num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs
+        )
 
     import timm
 
@@ -49,12 +55,21 @@ def create_model(
     if pretrained:
         raise ConfigError("pretrained weights are not supported yet for timm models in medlite")
     try:
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, img_size=img_size, **kwargs)
+        return timm.create_model(
+            name,
+            pretrained=False,
+            num_classes=num_classes,
+            in_chans=in_chans,
+            img_size=img_size,
+            **kwargs,
+        )
     except TypeError as err:
         if "img_size" not in str(err):
             raise
         # CNN entrypoints forward **kwargs but the model class has no img_size: it adapts on its own.
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+        return timm.create_model(
+            name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs
+        )
 
 
 def count_parameters(model: nn.Module) -> int:

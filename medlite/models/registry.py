@@ -26,7 +26,9 @@ class ModelEntry:
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, *, paradigm: str, min_size: int = 28, description: str = "") -> Callable:
+def register_model(
+    name: str, *, paradigm: str, min_size: int = 28, description: str = ""
+) -> Callable:
     """Register ``constructor(num_classes, in_chans, img_size, **kw) -> nn.Module``."""
     if paradigm not in PARADIGMS:
         raise ValueError(f"paradigm must be one of {PARADIGMS}, got {paradigm!r}")
@@ -34,7 +36,9 @@ def register_model(name: str, *, paradigm: str, min_size: int = 28, description:
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = ModelEntry(name, fn, paradigm, min_size, description or (fn.__doc__ or "").strip())
+        _REGISTRY[name] = ModelEntry(
+            name, fn, paradigm, min_size, description or (fn.__doc__ or "").strip()
+        )
         return fn
 
     return wrap

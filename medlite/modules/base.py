@@ -57,14 +57,18 @@ class MedliteModule(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         targets = self.task.targets(y)
         loss = self.task.loss(logits, targets, self.label_smoothing)
         for term in self.loss_terms:
             extra = term(self, x, logits, targets)
-            self.log(f"train/loss_{term.name}", extra, on_step=False, on_epoch=True, batch_size=len(x))
+            self.log(
+                f"train/loss_{term.name}", extra, on_step=False, on_epoch=True, batch_size=len(x)
+            )
             loss = loss + extra
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x))
         return loss
@@ -74,7 +78,9 @@ class MedliteModule(pl.LightningModule):
         logits = self(x)
         loss = self.task.loss(logits, self.task.targets(y))
         self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
-        self._scores[split].append((y.detach().cpu(), self.task.scores(logits.float()).detach().cpu()))
+        self._scores[split].append(
+            (y.detach().cpu(), self.task.scores(logits.float()).detach().cpu())
+        )
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -132,13 +138,24 @@ class MedliteModule(pl.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         factor = lr_factor(self.sched_cfg, total, self.warmup_fraction())
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 class _LRFactor:
     """Multiplier of the base learning rate at a given step (a picklable LambdaLR function)."""
 
-    def __init__(self, name: str, total: int, warmup_steps: int, min_ratio: float, milestones: list[int], gamma: float):
+    def __init__(
+        self,
+        name: str,
+        total: int,
+        warmup_steps: int,
+        min_ratio: float,
+        milestones: list[int],
+        gamma: float,
+    ):
         self.name, self.total, self.warmup_steps = name, total, warmup_steps
         self.min_ratio, self.milestones, self.gamma = min_ratio, milestones, gamma
 
@@ -147,7 +164,9 @@ class _LRFactor:
             return (step + 1) / self.warmup_steps
         if self.name == "cosine":
             progress = (step - self.warmup_steps) / max(1, self.total - self.warmup_steps)
-            return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+            return self.min_ratio + (1 - self.min_ratio) * 0.5 * (
+                1 + math.cos(math.pi * min(1.0, progress))
+            )
         if self.name == "multistep":
             return self.gamma ** sum(step >= m for m in self.milestones)
         return 1.0

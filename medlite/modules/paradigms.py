@@ -6,13 +6,20 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import nn
 
 from medlite.errors import ConfigError
 from medlite.modules.base import MedliteModule
 
 # Token-mixing parameters that regularisation should not shrink.
-_TRANSFORMER_NO_DECAY = ("pos_embed", "cls_token", "dist_token", "relative_position_bias_table", "attention_biases", "rel_pos", "pos_bias")
+_TRANSFORMER_NO_DECAY = (
+    "pos_embed",
+    "cls_token",
+    "dist_token",
+    "relative_position_bias_table",
+    "attention_biases",
+    "rel_pos",
+    "pos_bias",
+)
 
 
 class CNNModule(MedliteModule):
@@ -38,12 +45,23 @@ class LinearComplexityModule(MedliteModule):
 
     paradigm = "linear"
     default_warmup = 0.1
-    no_decay_names = _TRANSFORMER_NO_DECAY + ("A_log", "A", "D", "dt_bias", "time_decay", "time_first")
+    no_decay_names = _TRANSFORMER_NO_DECAY + (
+        "A_log",
+        "A",
+        "D",
+        "dt_bias",
+        "time_decay",
+        "time_first",
+    )
 
     def on_fit_start(self) -> None:
         for module in self.model.modules():
-            if getattr(module, "fp32_island", False) and not getattr(module, "_medlite_fp32", False):
-                module.forward = _fp32_forward(module.forward)
+            if getattr(module, "fp32_island", False) and not getattr(
+                module, "_medlite_fp32", False
+            ):
+                module.forward = _fp32_forward(type(module).forward).__get__(
+                    module
+                )  # rebinds on deepcopy
                 module._medlite_fp32 = True
 
 
@@ -52,9 +70,14 @@ def _fp32_forward(forward):
     def wrapped(*args, **kwargs):
         device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
         with torch.autocast(device_type=device, enabled=False):
-            cast = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+            cast = [
+                a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+                for a in args
+            ]
             out = forward(*cast, **kwargs)
-        dtype = next((a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+        dtype = next(
+            (a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None
+        )
         return out.to(dtype) if isinstance(out, torch.Tensor) and dtype is not None else out
 
     return wrapped
@@ -72,6 +95,6 @@ def module_class(paradigm: str) -> type[MedliteModule]:
     try:
         return MODULES[paradigm]
     except KeyError:
-        raise ConfigError(f"model.paradigm must be one of {sorted(MODULES)}, got {paradigm!r}") from None
-
-
+        raise ConfigError(
+            f"model.paradigm must be one of {sorted(MODULES)}, got {paradigm!r}"
+        ) from None

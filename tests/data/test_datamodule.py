@@ -19,7 +19,9 @@ from medlite.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # The augmentation every MedMNIST / synthetic data option trains with by default.
-DEFAULT_AUGMENT = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "data" / "medmnist.yaml").augment)
+DEFAULT_AUGMENT = OmegaConf.to_container(
+    OmegaConf.load(CONF_DIR / "data" / "medmnist.yaml").augment
+)
 
 REAL = {
     # flag: (channels, task type, number of outputs)
@@ -31,7 +33,9 @@ REAL = {
 
 def _real_dm(shared_data: Path, tmp_path: Path, flag: str, **kwargs) -> MedMNISTDataModule:
     kwargs.setdefault("augment", DEFAULT_AUGMENT)
-    dm = MedMNISTDataModule(flag, root=str(shared_data), cache_dir=str(tmp_path), download=False, **kwargs)
+    dm = MedMNISTDataModule(
+        flag, root=str(shared_data), cache_dir=str(tmp_path), download=False, **kwargs
+    )
     dm.setup()
     return dm
 
@@ -111,7 +115,9 @@ def test_as_rgb_repeats_grayscale(shared_data, tmp_path):
 @pytest.mark.parametrize("flag", ["breastmnist", "retinamnist"])
 def test_input_size_resize(shared_data, tmp_path, flag):
     channels = REAL[flag][0]
-    dm = _real_dm(shared_data, tmp_path, flag, input_size=64, fit="resize", batch_size=8, eval_batch_size=8)
+    dm = _real_dm(
+        shared_data, tmp_path, flag, input_size=64, fit="resize", batch_size=8, eval_batch_size=8
+    )
     assert dm.preprocess.describe()["input_size"] == 64
     xt, _ = next(iter(dm.train_dataloader()))
     xv, _ = next(iter(dm.val_dataloader()))
@@ -133,7 +139,9 @@ def test_input_size_pad_centres_content_on_black(shared_data, tmp_path, flag):
     assert x.shape == (8, channels, 64, 64)
     raw_x, _ = _raw(shared_data, flag, "val")
     lo = (64 - 28) // 2  # 18: centred
-    torch.testing.assert_close(x[..., lo : lo + 28, lo : lo + 28], _expected(raw_x[:8]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        x[..., lo : lo + 28, lo : lo + 28], _expected(raw_x[:8]), rtol=0, atol=1e-6
+    )
     border = x.clone()
     border[..., lo : lo + 28, lo : lo + 28] = float("nan")
     border = border[~torch.isnan(border)]
@@ -142,7 +150,9 @@ def test_input_size_pad_centres_content_on_black(shared_data, tmp_path, flag):
 
 
 def test_pad_border_follows_custom_normalisation(shared_data, tmp_path):
-    dm = _real_dm(shared_data, tmp_path, "breastmnist", input_size=32, fit="pad", mean=[0.2], std=[0.4])
+    dm = _real_dm(
+        shared_data, tmp_path, "breastmnist", input_size=32, fit="pad", mean=[0.2], std=[0.4]
+    )
     x, _ = dm.splits["val"][0]
     assert x.shape == (1, 32, 32)
     black = torch.tensor((0 - 0.2) / 0.4)
@@ -175,7 +185,13 @@ def test_augmentation_only_on_train_real(shared_data, tmp_path):
 
 def _synth_dm(tmp_path: Path, flag: str = "synthlesion", **kwargs) -> MedMNISTDataModule:
     kwargs.setdefault("augment", DEFAULT_AUGMENT)
-    dm = MedMNISTDataModule(flag, root=str(tmp_path / "no-medmnist-here"), cache_dir=str(tmp_path), download=False, **kwargs)
+    dm = MedMNISTDataModule(
+        flag,
+        root=str(tmp_path / "no-medmnist-here"),
+        cache_dir=str(tmp_path),
+        download=False,
+        **kwargs,
+    )
     dm.setup()
     return dm
 
@@ -185,7 +201,8 @@ def test_synthetic_generated_into_cache_dir(tmp_path):
     assert not target.exists()
     dm = _synth_dm(tmp_path, batch_size=32)
     assert dm.path == target and target.is_file()
-    assert not (tmp_path / "no-medmnist-here").exists()  # nothing looked for / written in the data root
+    # nothing was written into the (official-data) root
+    assert not (tmp_path / "no-medmnist-here").exists()
 
     want = synthetic.SYNTHETIC_INFO["synthlesion"]["n_samples"]
     assert {k: len(v) for k, v in dm.splits.items()} == want
@@ -222,7 +239,8 @@ def test_synthetic_multilabel_targets(tmp_path):
     dm = _synth_dm(tmp_path, "synthlesion_multilabel", batch_size=16)
     n_labels = len(synthetic.SYNTHETIC_INFO["synthlesion_multilabel"]["label"])
     assert dm.task.type == MULTILABEL and dm.task.num_outputs == n_labels
-    assert {k: len(v) for k, v in dm.splits.items()} == synthetic.SYNTHETIC_INFO["synthlesion_multilabel"]["n_samples"]
+    want = synthetic.SYNTHETIC_INFO["synthlesion_multilabel"]["n_samples"]
+    assert {k: len(v) for k, v in dm.splits.items()} == want
     _, y = next(iter(dm.train_dataloader()))
     assert y.shape == (16, n_labels)
     t = dm.task.targets(y)

@@ -4,7 +4,7 @@ ImageNet lightweight CNNs downsample 32x, so at 28 px their last stages see a 1x
 train poorly from scratch on a few hundred images. LiteCNN keeps MobileNetV2/V3's building block
 (expand -> depthwise -> squeeze-excite -> project, with a residual) but chooses the stem stride
 from the input size so the first stage always works on a 28-56 px map, and downsamples only 8x
-after it. About 0.2 M parameters at the default width.
+after it. About 0.5 M parameters at medlite's default widths (conf/model/litecnn.yaml).
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ class SqueezeExcite(nn.Module):
         hidden = max(8, channels // reduction)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Sequential(
-            nn.Conv2d(channels, hidden, 1), nn.SiLU(inplace=True), nn.Conv2d(hidden, channels, 1), nn.Sigmoid()
+            nn.Conv2d(channels, hidden, 1),
+            nn.SiLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1),
+            nn.Sigmoid(),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,7 +94,9 @@ class LiteCNN(nn.Module):
                 blocks.append(InvertedResidual(cin, cout, 2 if i == 0 else 1, expand, se))
                 cin = cout
         self.stages = nn.Sequential(*blocks)
-        self.head = nn.Sequential(nn.Conv2d(cin, head_dim, 1, bias=False), nn.BatchNorm2d(head_dim), nn.SiLU(inplace=True))
+        self.head = nn.Sequential(
+            nn.Conv2d(cin, head_dim, 1, bias=False), nn.BatchNorm2d(head_dim), nn.SiLU(inplace=True)
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(drop_rate)
         self.classifier = nn.Linear(head_dim, num_classes)
