@@ -19,9 +19,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from medlite import config as config_checks
 from medlite.callbacks import NaNGuard
-from medlite.compress import build_steps
+from medlite.compress import RunContext, build_steps
 from medlite.data.datamodule import MedMNISTDataModule
-from medlite.errors import MedliteError, TrainingError
+from medlite.errors import ConfigError, MedliteError, TrainingError
 from medlite.models import count_parameters, create_model
 from medlite.modules import module_class
 from medlite.results import git_revision, package_versions, print_summary, write_json
@@ -65,6 +65,33 @@ def build_model(
         pretrained=model_cfg.pretrained,
         **kwargs,
     )
+
+
+def load_teacher(cfg: DictConfig, num_classes: int, in_chans: int) -> torch.nn.Module | None:
+    """The frozen, eval-mode teacher of ``cfg.teacher`` with weights from its ``ckpt_path``."""
+    if cfg.get("teacher") is None:
+        return None
+    t = cfg.teacher
+    if not t.get("ckpt_path"):
+        raise ConfigError(
+            "teacher.ckpt_path is not set: point it at a trained medlite checkpoint "
+            "(e.g. teacher.ckpt_path=outputs/.../checkpoints/best-029.ckpt from a run of model="
+            f"{t.name})"
+        )
+    path = Path(str(t.ckpt_path)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"teacher.ckpt_path={path} does not exist")
+    teacher = build_model(t, num_classes, in_chans, t.input_size or cfg.data.size)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state.get("state_dict", state)
+    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")} or state
+    try:
+        teacher.load_state_dict(weights)
+    except RuntimeError as err:
+        raise ConfigError(f"teacher.ckpt_path={path} does not fit teacher model {t.arch}: {err}") from None
+    teacher.eval().requires_grad_(False)
+    log.info("teacher %s loaded from %s (frozen)", t.arch, path)
+    return teacher
 
 
 def _instantiate_dict(group: DictConfig | None) -> list:
@@ -123,11 +150,15 @@ def run(cfg: DictConfig) -> float:
         dm.setup()  # fails now, not mid-training, on a missing or corrupt file
         in_chans, img_size = dm.in_chans, dm.preprocess.input_size
         model = build_model(cfg.model, dm.task.num_outputs, in_chans, img_size)
+        teacher = load_teacher(cfg, dm.task.num_outputs, in_chans)
         steps = build_steps(
             OmegaConf.to_container(cfg.compress.steps, resolve=True) if cfg.compress.steps else []
         )
+        if teacher is not None and not steps:
+            log.warning("a teacher is configured but compress=%s uses none; it is ignored", cfg.compress.name)
+        ctx = RunContext(cfg=cfg, datamodule=dm, output_dir=output_dir, teacher=teacher)
         for step in steps:
-            model = step.prepare(model, dm)
+            model = step.prepare(model, ctx)
         module = module_class(cfg.model.paradigm)(
             model,
             dm.task,
@@ -189,7 +220,7 @@ def run(cfg: DictConfig) -> float:
         trainer.test(module, datamodule=dm, verbose=False)
         results["test"] = dict(module.metrics.get("test", {}))
         for step in steps:
-            final = step.finalize(module.model, dm)
+            final = step.finalize(module.model, ctx)
             if final is not None:
                 module.model = final
                 trainer.test(module, datamodule=dm, verbose=False)

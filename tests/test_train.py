@@ -176,3 +176,32 @@ def test_train_py_end_to_end(tmp_path: Path) -> None:
     res = json.loads((tmp_path / "run" / "results.json").read_text())
     assert res["status"] == "ok" and res["test"]["auc"] is not None
     assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()
+
+
+class _CaptureTeacher(CompressionStep):
+    name = "capture"
+    seen: dict = {}
+
+    def prepare(self, model, ctx):
+        _CaptureTeacher.seen["teacher"] = ctx.teacher
+        return model
+
+
+def test_teacher_loads_frozen_from_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    _, first = _run(tmp_path / "teacher", ["model=resnet18"])
+    ckpt = first["best_checkpoint"]
+    monkeypatch.setitem(compress.STEP_TYPES, "capture", _CaptureTeacher)
+    _, res = _run(
+        tmp_path / "student",
+        ["teacher=resnet18", f"teacher.ckpt_path={ckpt}", "+compress.steps=[{kind: capture}]"],
+    )
+    teacher = _CaptureTeacher.seen["teacher"]
+    assert res["status"] == "ok" and teacher is not None
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert torch.equal(teacher.conv1.weight, saved["model.conv1.weight"])
+
+
+def test_teacher_without_checkpoint_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="teacher.ckpt_path"):
+        run(make_cfg(tmp_path / "run", FAST + ["teacher=resnet18"]))

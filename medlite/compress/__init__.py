@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from medlite.compress.base import CompressionStep, LossTerm
+from medlite.compress.base import CompressionStep, LossTerm, RunContext
 from medlite.errors import ConfigError
 
 # step kind -> constructor(**params); compression techniques register here.
@@ -26,4 +26,4 @@ def build_steps(step_cfgs: list[dict] | None) -> list[CompressionStep]:
     return steps
 
 
-__all__ = ["STEP_TYPES", "CompressionStep", "LossTerm", "build_steps"]
+__all__ = ["STEP_TYPES", "CompressionStep", "LossTerm", "RunContext", "build_steps"]

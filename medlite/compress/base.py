@@ -9,14 +9,27 @@ re-tests the returned model.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 if TYPE_CHECKING:
     from medlite.modules.base import MedliteModule
+
+
+@dataclass
+class RunContext:
+    """What a step may need besides the model: the run's config, data, folder and teacher."""
+
+    cfg: DictConfig
+    datamodule: pl.LightningDataModule
+    output_dir: Path
+    teacher: nn.Module | None = None
 
 
 class LossTerm(nn.Module):
@@ -35,7 +48,7 @@ class CompressionStep:
 
     name = "step"
 
-    def prepare(self, model: nn.Module, datamodule: pl.LightningDataModule) -> nn.Module:
+    def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         return model
 
     def loss_terms(self) -> list[LossTerm]:
@@ -44,6 +57,6 @@ class CompressionStep:
     def callbacks(self) -> list[pl.Callback]:
         return []
 
-    def finalize(self, model: nn.Module, datamodule: pl.LightningDataModule) -> nn.Module | None:
+    def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module | None:
         """Return a new model to re-test (e.g. int8), or None when training's model is final."""
         return None
