@@ -21,6 +21,7 @@ from medlite import config as config_checks
 from medlite.callbacks import NaNGuard
 from medlite.compress import RunContext, build_steps
 from medlite.data.datamodule import MedMNISTDataModule
+from medlite.efficiency import profile_model
 from medlite.errors import ConfigError, MedliteError, TrainingError
 from medlite.models import count_parameters, create_model
 from medlite.modules import module_class
@@ -84,11 +85,15 @@ def load_teacher(cfg: DictConfig, num_classes: int, in_chans: int) -> torch.nn.M
     teacher = build_model(t, num_classes, in_chans, t.input_size or cfg.data.size)
     state = torch.load(path, map_location="cpu", weights_only=False)
     state = state.get("state_dict", state)
-    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")} or state
+    weights = {
+        k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")
+    } or state
     try:
         teacher.load_state_dict(weights)
     except RuntimeError as err:
-        raise ConfigError(f"teacher.ckpt_path={path} does not fit teacher model {t.arch}: {err}") from None
+        raise ConfigError(
+            f"teacher.ckpt_path={path} does not fit teacher model {t.arch}: {err}"
+        ) from None
     teacher.eval().requires_grad_(False)
     log.info("teacher %s loaded from %s (frozen)", t.arch, path)
     return teacher
@@ -155,7 +160,10 @@ def run(cfg: DictConfig) -> float:
             OmegaConf.to_container(cfg.compress.steps, resolve=True) if cfg.compress.steps else []
         )
         if teacher is not None and not steps:
-            log.warning("a teacher is configured but compress=%s uses none; it is ignored", cfg.compress.name)
+            log.warning(
+                "a teacher is configured but compress=%s uses none; it is ignored",
+                cfg.compress.name,
+            )
         ctx = RunContext(cfg=cfg, datamodule=dm, output_dir=output_dir, teacher=teacher)
         for step in steps:
             model = step.prepare(model, ctx)
@@ -227,6 +235,11 @@ def run(cfg: DictConfig) -> float:
                 results.setdefault("finalized", {})[step.name] = dict(
                     module.metrics.get("test", {})
                 )
+        if cfg.profile.enabled:
+            prof = {k: v for k, v in cfg.profile.items() if k != "enabled"}
+            results["efficiency"] = profile_model(
+                module.model, (in_chans, img_size, img_size), **prof
+            ).as_dict()
         results["status"] = "ok"
     except MedliteError as err:
         results["status"] = "failed"

@@ -111,6 +111,12 @@ def print_summary(results: dict, console: Console | None = None) -> None:
         fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"  # noqa: E731
         table.add_row(key, fmt(test.get(key)), fmt(val.get(key)))
     console.print(table)
+    eff = results.get("efficiency")
+    if eff:
+        console.print(
+            f"MACs {eff['macs'] / 1e6:.1f} M | {eff['size_mb']:.2f} MB | CPU latency (batch 1, {eff['threads']} threads) "
+            f"{eff['latency_ms']:.2f} ms | throughput {eff['throughput_ips']:.0f} img/s (batch {eff['throughput_batch']})"
+        )
     params = results.get("model", {}).get("params")
     console.print(
         f"params {params:,} | wall time {results.get('wall_time_s', 0):.1f} s | status {results.get('status')}"

@@ -37,6 +37,9 @@ def test_run_records_results_checkpoint_and_csv(tmp_path: Path) -> None:
     assert res["versions"]["torch"] and res["wall_time_s"] > 0 and res["seed"] == 42
     assert Path(res["best_checkpoint"]).exists()
     assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") > 2
+    eff = res["efficiency"]
+    assert eff["params"] == res["model"]["params"] and eff["macs"] > 1e6
+    assert eff["latency_ms"] > 0 and eff["throughput_ips"] > 0 and eff["size_mb"] > 0.5
 
 
 @pytest.mark.parametrize(
