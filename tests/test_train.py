@@ -208,3 +208,27 @@ def test_teacher_loads_frozen_from_checkpoint(tmp_path: Path, monkeypatch) -> No
 def test_teacher_without_checkpoint_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="teacher.ckpt_path"):
         run(make_cfg(tmp_path / "run", FAST + ["teacher=resnet18"]))
+
+
+def test_multirun_goes_on_after_a_failing_job(tmp_path: Path) -> None:
+    env = {**os.environ, "MEDLITE_CACHE_DIR": str(tmp_path / "cache")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "-m",
+            "debug=limit",
+            "callbacks=none",
+            "data.size=100,28",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data.size=100" in proc.stderr  # the failing job's clear message
+    results = list((tmp_path / "sweep").glob("*/results.json"))
+    assert len(results) == 1 and json.loads(results[0].read_text())["status"] == "ok"
