@@ -119,19 +119,15 @@ def _clean_failed_start(output_dir: Path, log_dir: Path) -> None:
             shutil.rmtree(target, ignore_errors=True)
         elif target.exists():
             target.unlink()
-    log_dir = log_dir.resolve()
-    current = output_dir.resolve()
-    while current != log_dir and log_dir in current.parents:
+    log_dir, current = log_dir.resolve(), output_dir.resolve()
+    while True:
         try:
             current.rmdir()  # only if empty
         except OSError:
             return
         current = current.parent
-    if current == output_dir.resolve():  # run dir outside log_dir (e.g. hydra.run.dir=...)
-        try:
-            current.rmdir()
-        except OSError:
-            pass
+        if current == log_dir or log_dir not in current.parents:
+            return
 
 
 def _finish_wandb(loggers: list, results: dict) -> None:

@@ -232,3 +232,13 @@ def test_multirun_goes_on_after_a_failing_job(tmp_path: Path) -> None:
     assert "data.size=100" in proc.stderr  # the failing job's clear message
     results = list((tmp_path / "sweep").glob("*/results.json"))
     assert len(results) == 1 and json.loads(results[0].read_text())["status"] == "ok"
+
+
+def test_failed_start_leaves_no_empty_run_folders(tmp_path: Path) -> None:
+    log_dir = tmp_path / "outputs"
+    out = log_dir / "train" / "runs" / "synthlesion" / "litecnn" / "none" / "seed42_now"
+    (out / ".hydra").mkdir(parents=True)
+    (log_dir / "keep.txt").write_text("other work")
+    with pytest.raises(ConfigError):
+        run(make_cfg(out, FAST + [f"paths.log_dir={log_dir}", "optim.lr=-1"]))
+    assert sorted(p.name for p in log_dir.iterdir()) == ["keep.txt"]
