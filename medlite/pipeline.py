@@ -64,6 +64,7 @@ def build_model(
         in_chans=in_chans,
         img_size=img_size,
         pretrained=model_cfg.pretrained,
+        pretrained_file=model_cfg.get("pretrained_file"),
         **kwargs,
     )
 
