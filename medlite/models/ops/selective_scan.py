@@ -1,0 +1,507 @@
+"""Mamba's selective scan (S6) in plain PyTorch, plus a dispatcher to ``mamba_ssm``'s CUDA kernel.
+
+The recurrence, per batch element b, channel d and state index n::
+
+    h_t = exp(delta_t * A[d, n]) * h_{t-1} + delta_t * B_t[n] * u_t
+    y_t = sum_n C_t[n] * h_t[n]  (+ D[d] * u_t),   out_t = y_t * silu(z_t)  (when z is given)
+
+:func:`selective_scan` has the signature and semantics of
+``mamba_ssm.ops.selective_scan_interface.selective_scan_fn``; :func:`selective_scan_ref` is a
+readable loop over time, the reference for tests.
+
+The fast path (``backend="fast"``) is a blocked, chunked linear scan written for CPUs, where a
+Python loop over every time step is dominated by per-op overhead and a fully vectorised
+parallel scan is dominated by memory traffic (page faults on ~100 MB temporaries). Time is cut
+into blocks of a few MB of state; each block is cut into ``k`` chunks of ``chunk_size`` steps:
+
+1. one step of the recurrence advances all ``k`` chunks of the block at once (a loop of
+   ``chunk_size`` in-place ``addcmul`` on (k, batch*D*N) slices), each chunk starting from zero
+   (the first chunk starts from the state carried in from the previous block);
+2. chunk ``j`` then gets ``P_t * h_end(j-1)`` added, with ``P_t`` the decay since the chunk's
+   start (a running product of the step decays, kept during step 1) — a loop over the ``k``
+   chunks, each op on a whole chunk.
+
+Only ``exp`` of non-positive numbers (``delta * A`` with ``A <= 0``, ``delta >= 0``) and
+products of decays in (0, 1] occur, so nothing overflows at any length: long products
+underflow to 0, which is their correct value in fp32. Gradients come from a hand-written
+backward that recomputes the states block by block (as mamba's kernel does) and runs the
+adjoint recurrence backwards in time with the same chunking, so memory stays at the size of
+the inputs plus one block, not (batch, D, N, L).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from medlite.errors import MedliteError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "fast", "ref", "mamba_ssm")
+
+# Target elements of one block's state tensor (batch * D * N * block_length): ~4 MB of fp32,
+# large enough that each op amortises its overhead, small enough to stay in cache.
+_BLOCK_ELEMENTS = 1 << 20
+
+
+class OptionalDependencyError(MedliteError, RuntimeError):
+    """An optional extra (here ``medlite[mamba]``) is needed for what was asked."""
+
+
+@functools.lru_cache(maxsize=1)
+def mamba_ssm_available() -> bool:
+    """True when ``mamba_ssm`` and its compiled CUDA scan import (checked once, lazily)."""
+    try:
+        import mamba_ssm.ops.selective_scan_interface  # noqa: F401
+    except Exception as exc:  # ImportError, or OSError/RuntimeError from a broken CUDA build
+        log.debug("mamba_ssm is not usable: %s", exc)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def fp32_region(device: torch.device) -> Iterator[None]:
+    """Disable autocast for ``device``'s type so the scan runs in the fp32 it is cast to."""
+    try:
+        ctx = torch.autocast(device_type=device.type, enabled=False)
+    except RuntimeError:  # a device type autocast does not know
+        ctx = contextlib.nullcontext()
+    with ctx:
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def selective_scan(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+    *,
+    backend: str = "auto",
+    chunk_size: int = 16,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Selective scan with the semantics of ``mamba_ssm``'s ``selective_scan_fn``.
+
+    Args:
+        u, delta: (batch, D, L) input and step size.
+        A: (D, N) real state matrix (Mamba uses ``A = -exp(A_log)``; the fast path is only
+            overflow-free for ``A <= 0`` with ``delta >= 0``, like the recurrence itself).
+        B, C: (batch, N, L), (batch, G, N, L) with G groups dividing D (channel d uses group
+            ``d // (D // G)``), or (D, N) time-invariant.
+        D: (D,) skip connection ``y += D * u``.
+        z: (batch, D, L) gate, ``out = y * silu(z)``.
+        delta_bias: (D,) added to ``delta`` before the optional softplus.
+        delta_softplus: apply ``softplus`` to ``delta`` (after the bias).
+        return_last_state: also return the state after the last step, (batch, D, N). On the
+            fast and mamba_ssm paths it carries no gradient.
+        backend: ``"auto"`` (mamba_ssm's kernel for CUDA tensors when it imports, else
+            ``"fast"``), ``"fast"`` (blocked chunked scan in PyTorch, CPU or GPU), ``"ref"``
+            (sequential loop) or ``"mamba_ssm"`` (needs ``pip install "medlite[mamba]"``).
+        chunk_size: time steps per chunk of the fast path (tuning knob; 8-32 is best on CPU).
+
+    Returns:
+        (batch, D, L) in ``u``'s dtype, computed in fp32 (autocast disabled inside).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"selective_scan backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "mamba_ssm" if u.is_cuda and mamba_ssm_available() else "fast"
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if backend == "mamba_ssm":
+        return _selective_scan_mamba(*args)
+    if backend == "ref":
+        return selective_scan_ref(*args)
+    return _selective_scan_fast(*args, chunk_size=chunk_size)
+
+
+def selective_scan_ref(
+    u: torch.Tensor,
+    delta: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    delta_bias: torch.Tensor | None = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Reference selective scan: a plain loop over time (slow; for tests). See
+    :func:`selective_scan` for the arguments."""
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    with fp32_region(u.device):
+        u32, delta = u.float(), _discretise(delta, delta_bias, delta_softplus)
+        A = A.float()
+        batch, dim, length = u32.shape
+        B_per_channel = _per_channel(B.float(), dim)  # (batch, D, N, L) or (D, N)
+        C_per_channel = _per_channel(C.float(), dim)
+        # Per-step slices via unbind (one autograd node each, not one full-size gradient per t).
+        steps = zip(
+            u32.unbind(-1),
+            delta.unbind(-1),
+            B_per_channel.unbind(-1) if B_per_channel.dim() == 4 else [B_per_channel] * length,
+            C_per_channel.unbind(-1) if C_per_channel.dim() == 4 else [C_per_channel] * length,
+            strict=True,
+        )
+        h = u32.new_zeros(batch, dim, A.shape[1])
+        ys = []
+        for u_t, delta_t, B_t, C_t in steps:  # u_t, delta_t: (batch, D); B_t, C_t: (.., D, N)
+            delta_t = delta_t.unsqueeze(-1)
+            h = torch.exp(delta_t * A) * h + delta_t * B_t * u_t.unsqueeze(-1)
+            ys.append((h * C_t).sum(-1))
+        y = torch.stack(ys, dim=-1) if ys else u32.new_zeros(batch, dim, 0)
+        out = _finish(y, u32, D, z).to(u.dtype)
+    return (out, h) if return_last_state else out
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan: u must be (batch, D, L), got shape {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if delta.shape != u.shape:
+        raise ValueError(f"selective_scan: delta {tuple(delta.shape)} != u {tuple(u.shape)}")
+    if A.dim() != 2 or A.shape[0] != dim:
+        raise ValueError(f"selective_scan: A must be (D={dim}, N), got {tuple(A.shape)}")
+    if A.is_complex():
+        raise ValueError("selective_scan: complex A is not supported (use real A = -exp(A_log))")
+    n = A.shape[1]
+    for name, m in (("B", B), ("C", C)):
+        if m.is_complex():
+            raise ValueError(f"selective_scan: complex {name} is not supported")
+        if m.dim() == 2:
+            ok = tuple(m.shape) == (dim, n)
+        elif m.dim() == 3:
+            ok = tuple(m.shape) == (batch, n, length)
+        elif m.dim() == 4:
+            ok = (m.shape[0], m.shape[2], m.shape[3]) == (batch, n, length)
+            ok = ok and m.shape[1] > 0 and dim % m.shape[1] == 0
+        else:
+            ok = False
+        if not ok:
+            raise ValueError(
+                f"selective_scan: {name} must be (D, N), (batch, N, L) or (batch, G, N, L) with G "
+                f"dividing D (D={dim}, N={n}, L={length}, batch={batch}), got {tuple(m.shape)}"
+            )
+    for name, v in (("D", D), ("delta_bias", delta_bias)):
+        if v is not None and tuple(v.shape) != (dim,):
+            raise ValueError(f"selective_scan: {name} must be ({dim},), got {tuple(v.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"selective_scan: z {tuple(z.shape)} != u {tuple(u.shape)}")
+
+
+def _discretise(delta, delta_bias, delta_softplus, exact: bool = True) -> torch.Tensor:
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta) if exact else _softplus_vectorised(delta)
+    return delta
+
+
+def _softplus_vectorised(x: torch.Tensor) -> torch.Tensor:
+    """softplus(x) = relu(x) + log(1 + exp(-|x|)), with relu written as (x + |x|) / 2 so the
+    gradient at 0 is 1/2. F.softplus runs a scalar log1p on CPU (~10 ns/element); this is
+    vectorised and within 1e-7 of it (and exactly x for x > ~17, like softplus)."""
+    a = x.abs()
+    return 0.5 * (x + a) + torch.log(1 + torch.exp(-a))
+
+
+def _finish(y, u32, D, z) -> torch.Tensor:
+    if D is not None:
+        y = y + u32 * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y
+
+
+def _per_channel(m: torch.Tensor, dim: int) -> torch.Tensor:
+    """B or C as (batch, D, N, L) (a view where possible), or (D, N) when time-invariant."""
+    if m.dim() == 2:
+        return m
+    if m.dim() == 3:
+        return m[:, None].expand(-1, dim, -1, -1)
+    return m.repeat_interleave(dim // m.shape[1], dim=1)
+
+
+def _selective_scan_mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    if not mamba_ssm_available():
+        raise OptionalDependencyError(
+            "selective_scan(backend='mamba_ssm') needs the mamba_ssm CUDA kernels, which are not "
+            'importable here; install them with pip install "medlite[mamba]" (needs CUDA), or '
+            "use backend='auto' / 'fast' (medlite's own scan)"
+        )
+    if not u.is_cuda:
+        raise OptionalDependencyError(
+            "selective_scan(backend='mamba_ssm') runs only on CUDA tensors; got device "
+            f"{u.device}. Use backend='auto' or 'fast' on CPU"
+        )
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    return selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+# --------------------------------------------------------------------------------------------
+# Fast path
+# --------------------------------------------------------------------------------------------
+
+
+def _selective_scan_fast(
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, *, chunk_size
+):
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if chunk_size < 1:
+        raise ValueError(f"selective_scan: chunk_size must be >= 1, got {chunk_size}")
+    with fp32_region(u.device):
+        u32 = u.float()
+        delta = _discretise(delta, delta_bias, delta_softplus, exact=False)
+        y, last = _scan_time_major(
+            delta.permute(2, 0, 1),
+            (delta * u32).permute(2, 0, 1),
+            A.float(),
+            _time_major(B.float()),
+            _time_major(C.float()),
+            chunk_size,
+        )
+        out = _finish(y.permute(1, 2, 0), u32, D, z).to(u.dtype)
+    return (out, last) if return_last_state else out
+
+
+def _time_major(m: torch.Tensor) -> torch.Tensor:
+    """(batch, N, L) / (batch, G, N, L) -> (L, batch, G, N); (D, N) stays."""
+    if m.dim() == 2:
+        return m
+    if m.dim() == 3:
+        m = m[:, None]
+    return m.permute(3, 0, 1, 2)
+
+
+def _scan_time_major(
+    dl: torch.Tensor,
+    dul: torch.Tensor,
+    A: torch.Tensor,
+    Bl: torch.Tensor | None,
+    Cl: torch.Tensor | None,
+    chunk_size: int = 16,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The core scan on time-major fp32 tensors (also used by the WKV op).
+
+    ``dl``: (L, batch, D) step sizes, ``dul``: (L, batch, D) ``delta * u``, ``A``: (D, N);
+    ``Bl``/``Cl``: (L, batch, G, N), time-invariant (D, N), or None for a constant 1 (only
+    with N == 1: then ``y`` is the state itself). Returns ``y`` (L, batch, D) =
+    ``sum_n C h`` and the last state (batch, D, N) (no gradient).
+    """
+    return _ScanFn.apply(dl, dul, A, Bl, Cl, chunk_size)
+
+
+class _Plan:
+    """Shapes and chunking of one scan call."""
+
+    def __init__(self, dl: torch.Tensor, A: torch.Tensor, Bl: torch.Tensor, chunk_size: int):
+        self.length, self.batch, self.dim = dl.shape
+        self.n = A.shape[1]
+        self.groups = Bl.shape[2] if Bl is not None and Bl.dim() == 4 else 1
+        self.heads = self.dim // self.groups
+        self.state = self.batch * self.dim * self.n  # elements of one time step's state
+        self.q = max(1, min(chunk_size, self.length))
+        self.padded = -(-self.length // self.q) * self.q if self.length else 0
+        per_block = max(1, _BLOCK_ELEMENTS // (self.q * max(self.state, 1)))
+        self.block = self.q * per_block
+
+    def blocks(self) -> list[tuple[int, int]]:
+        return [(t, min(t + self.block, self.padded)) for t in range(0, self.padded, self.block)]
+
+
+def _pad_time(x: torch.Tensor, padded: int) -> torch.Tensor:
+    """Zero-pad dim 0 to ``padded`` (zero delta keeps the state; zero B/C add nothing)."""
+    x = x.contiguous()
+    if x.shape[0] == padded:
+        return x
+    return torch.cat([x, x.new_zeros(padded - x.shape[0], *x.shape[1:])])
+
+
+class _ScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, dl, dul, A, Bl, Cl, chunk_size):
+        plan = _Plan(dl, A, Bl, chunk_size)
+        dl, dul = _pad_time(dl, plan.padded), _pad_time(dul, plan.padded)
+        A = A.contiguous()
+        Bl, Cl = _pad_bc(Bl, plan.padded), _pad_bc(Cl, plan.padded)
+        y = dl.new_empty(plan.padded, plan.batch, plan.dim)
+        state = dl.new_zeros(plan.state)
+        starts = []
+        blocks = plan.blocks()
+        a_buf = dl.new_empty(min(plan.block, plan.padded), plan.batch, plan.dim, plan.n)
+        h_buf = torch.empty_like(a_buf)
+        for t0, t1 in blocks:
+            starts.append(state)
+            a, h = a_buf[: t1 - t0], h_buf[: t1 - t0]
+            _block_states(plan, dl[t0:t1], dul[t0:t1], A, Bl, t0, state, a, h, a)
+            state = h.view(t1 - t0, -1)[-1].clone()
+            _contract(plan, h, _rows(Cl, t0, t1), out=y[t0:t1], scratch=a)
+        if plan.padded:
+            ctx.save_for_backward(dl, dul, A, Bl, Cl, torch.stack(starts))
+        ctx.plan = plan
+        last = state.view(plan.batch, plan.dim, plan.n)
+        ctx.mark_non_differentiable(last)
+        return y[: plan.length], last
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy, _g_last):
+        plan: _Plan = ctx.plan
+        if not plan.padded:
+            return (None,) * 6
+        dl, dul, A, Bl, Cl, starts = ctx.saved_tensors
+        gy = _pad_time(gy.float(), plan.padded)
+        b, d, n, g, hd = plan.batch, plan.dim, plan.n, plan.groups, plan.heads
+        g_dl = torch.empty_like(dl)
+        g_dul = torch.empty_like(dul)
+        g_A = torch.zeros_like(A)
+        g_B, g_C = _grad_buffer(Bl), _grad_buffer(Cl)
+        size = (min(plan.block, plan.padded), b, d, n)
+        a_buf, h_buf, p_buf, lam_buf = (dl.new_empty(size) for _ in range(4))
+        carry = dl.new_zeros(plan.state)  # decay(t_next) * lambda(t_next) from the next block
+        blocks = plan.blocks()
+        for i in range(len(blocks) - 1, -1, -1):
+            t0, t1 = blocks[i]
+            lb, k, q = t1 - t0, (t1 - t0) // plan.q, plan.q
+            a, h, p, lam = a_buf[:lb], h_buf[:lb], p_buf[:lb], lam_buf[:lb]
+            dblk = dl[t0:t1]
+            start = starts[i]
+            _block_states(plan, dblk, dul[t0:t1], A, Bl, t0, start, a, h, p)
+            # lambda_t = dL/dh_t = gy_t C_t + a_{t+1} lambda_{t+1}, backwards in time.
+            gyb = gy[t0:t1]
+            _outer(plan, gyb, _rows(Cl, t0, t1), out=lam)
+            a3, lam3, p3 = a.view(k, q, -1), lam.view(k, q, -1), p.view(k, q, -1)
+            lam3[k - 1, q - 1].add_(carry)
+            if k > 1:  # r_s = prod_{r > s in chunk} a_r, for chunks 0..k-2 (reuses p)
+                r3 = p3
+                r3[: k - 1, q - 1].fill_(1.0)
+            for s in range(q - 2, -1, -1):
+                lam3[:, s].addcmul_(a3[:, s + 1], lam3[:, s + 1])
+                if k > 1:
+                    torch.mul(r3[: k - 1, s + 1], a3[: k - 1, s + 1], out=r3[: k - 1, s])
+            for j in range(k - 2, -1, -1):
+                lam3[j].addcmul_(r3[j], a3[j + 1, 0] * lam3[j + 1, 0])
+            carry = a3[0, 0] * lam3[0, 0]
+            # x_t = du_t B_t: grads of du and B; y_t = C_t . h_t: grad of C. ``p`` is free now
+            # and serves as scratch (multiply + sum beats bmm for the reductions over N).
+            dub = dul[t0:t1]
+            _contract(plan, lam, _rows(Bl, t0, t1), out=g_dul[t0:t1], scratch=p)
+            if Bl is not None and Bl.dim() == 4:  # sums over a group's channels: bmm is fastest
+                lam_g = lam.view(lb * b * g, hd, n)
+                torch.matmul(dub.reshape(lb * b * g, 1, hd), lam_g, out=_row(g_B[t0:t1]))
+            elif Bl is not None:
+                g_B += torch.mul(lam, dub.unsqueeze(-1), out=p).sum((0, 1))
+            if Cl is not None and Cl.dim() == 4:
+                h_g = h.view(lb * b * g, hd, n)
+                torch.matmul(gyb.reshape(lb * b * g, 1, hd), h_g, out=_row(g_C[t0:t1]))
+            elif Cl is not None:
+                g_C += torch.mul(h, gyb.unsqueeze(-1), out=p).sum((0, 1))
+            # a_t = exp(delta_t A): dL/d(delta_t A) = lambda_t a_t h_{t-1}.
+            e = a.mul_(lam).view(lb, -1)
+            e[1:].mul_(h.view(lb, -1)[:-1])
+            e[0].mul_(start)
+            e = e.view(lb, b, d, n)
+            torch.sum(torch.mul(e, A, out=p), dim=-1, out=g_dl[t0:t1])
+            g_A += torch.mul(e, dblk.unsqueeze(-1), out=p).sum((0, 1))
+        length = plan.length
+        g_B = g_B[:length] if g_B is not None and g_B.dim() == 4 else g_B
+        g_C = g_C[:length] if g_C is not None and g_C.dim() == 4 else g_C
+        return g_dl[:length], g_dul[:length], g_A, g_B, g_C, None
+
+
+def _grad_buffer(m: torch.Tensor | None) -> torch.Tensor | None:
+    if m is None:
+        return None
+    return torch.empty_like(m) if m.dim() == 4 else torch.zeros_like(m)
+
+
+def _pad_bc(m: torch.Tensor | None, padded: int) -> torch.Tensor | None:
+    if m is None:
+        return None
+    return _pad_time(m, padded) if m.dim() == 4 else m.contiguous()
+
+
+def _rows(m: torch.Tensor | None, t0: int, t1: int) -> torch.Tensor | None:
+    return m[t0:t1] if m is not None and m.dim() == 4 else m
+
+
+def _row(x: torch.Tensor) -> torch.Tensor:
+    """(lb, b, g, n) -> (lb*b*g, 1, n) view for matmul out=."""
+    return x.view(-1, 1, x.shape[-1])
+
+
+def _outer(plan: _Plan, s: torch.Tensor, m: torch.Tensor, *, out: torch.Tensor) -> None:
+    """out (lb, b, D, N) = s (lb, b, D) outer m ((lb, b, G, N) per group, or (D, N))."""
+    lb = s.shape[0]
+    if m is None:  # B == 1 with N == 1
+        out.copy_(s.unsqueeze(-1))
+    elif m.dim() == 4:
+        b, g, hd, n = plan.batch, plan.groups, plan.heads, plan.n
+        torch.mul(s.view(lb, b, g, hd, 1), m.view(lb, b, g, 1, n), out=out.view(lb, b, g, hd, n))
+    else:
+        torch.mul(s.unsqueeze(-1), m, out=out)
+
+
+def _contract(plan: _Plan, h, m, *, out, scratch) -> None:
+    """out (lb, b, D) = sum_n h (lb, b, D, N) * m ((lb, b, G, N) per group, or (D, N)).
+
+    A multiply into ``scratch`` then a sum beats a batched mat-vec (bmm) on CPU here."""
+    lb = h.shape[0]
+    if m is None:  # C == 1 with N == 1
+        out.copy_(h.squeeze(-1))
+    elif m.dim() == 4:
+        b, g, hd, n = plan.batch, plan.groups, plan.heads, plan.n
+        prod = torch.mul(
+            h.view(lb, b, g, hd, n), m.view(lb, b, g, 1, n), out=scratch.view(lb, b, g, hd, n)
+        )
+        torch.sum(prod.view(lb, b, -1, n), dim=-1, out=out)
+    else:
+        torch.sum(torch.mul(h, m, out=scratch), dim=-1, out=out)
+
+
+def _block_states(plan, dblk, dublk, A, Bl, t0, start, a, h, p) -> None:
+    """Fill ``a`` with exp(delta A) and ``h`` with the states of one block (in place).
+
+    ``start`` (batch*D*N,) is the state before the block. ``p`` receives, for chunks 1.., the
+    decay since the chunk's start (a running product of ``a``); it may be ``a`` itself, which
+    is then overwritten (the forward pass does not need ``a`` afterwards).
+    """
+    lb = dblk.shape[0]
+    q = plan.q
+    k = lb // q
+    torch.mul(dblk.unsqueeze(-1), A, out=a).exp_()
+    _outer(plan, dublk, _rows(Bl, t0, t0 + lb), out=h)
+    a3, h3, p3 = a.view(k, q, -1), h.view(k, q, -1), p.view(k, q, -1)
+    h3[0, 0].addcmul_(a3[0, 0], start)
+    if k > 1 and p is not a:
+        p3[1:, 0].copy_(a3[1:, 0])
+    for s in range(1, q):  # every chunk of the block advances one step (chunks start at 0)
+        h3[:, s].addcmul_(a3[:, s], h3[:, s - 1])
+        if k > 1:
+            torch.mul(p3[1:, s - 1], a3[1:, s], out=p3[1:, s])
+    for j in range(1, k):  # add the decayed end state of the (already complete) chunk j-1
+        h3[j].addcmul_(p3[j], h3[j - 1, q - 1])
