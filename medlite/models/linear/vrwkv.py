@@ -161,7 +161,7 @@ class VRWKV(nn.Module):
         patch_size: int | None = None,
         key_norm: bool = True,
         drop_rate: float = 0.0,
-        drop_path_rate: float = 0.1,
+        drop_path_rate: float = 0.0,
     ) -> None:
         super().__init__()
         self.patch_size = patch_size or patch_size_for(img_size)

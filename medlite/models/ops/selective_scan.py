@@ -396,15 +396,17 @@ class _ScanFn(torch.autograd.Function):
             _outer(plan, gyb, _rows(Cl, t0, t1), out=lam)
             a3, lam3, p3 = a.view(k, q, -1), lam.view(k, q, -1), p.view(k, q, -1)
             lam3[k - 1, q - 1].add_(carry)
+            a_s, lam_s = a3.unbind(1), lam3.unbind(1)
             if k > 1:  # r_s = prod_{r > s in chunk} a_r, for chunks 0..k-2 (reuses p)
-                r3 = p3
-                r3[: k - 1, q - 1].fill_(1.0)
+                p3[: k - 1, q - 1].fill_(1.0)
+                a_head, r_head = a3[: k - 1].unbind(1), p3[: k - 1].unbind(1)
             for s in range(q - 2, -1, -1):
-                lam3[:, s].addcmul_(a3[:, s + 1], lam3[:, s + 1])
+                lam_s[s].addcmul_(a_s[s + 1], lam_s[s + 1])
                 if k > 1:
-                    torch.mul(r3[: k - 1, s + 1], a3[: k - 1, s + 1], out=r3[: k - 1, s])
+                    torch.mul(r_head[s + 1], a_head[s + 1], out=r_head[s])
+            lam_c, r_c, a_c = lam3.unbind(0), p3.unbind(0), a3.unbind(0)
             for j in range(k - 2, -1, -1):
-                lam3[j].addcmul_(r3[j], a3[j + 1, 0] * lam3[j + 1, 0])
+                lam_c[j].addcmul_(r_c[j], a_c[j + 1][0] * lam_c[j + 1][0])
             carry = a3[0, 0] * lam3[0, 0]
             # x_t = du_t B_t: grads of du and B; y_t = C_t . h_t: grad of C. ``p`` is free now
             # and serves as scratch (multiply + sum beats bmm for the reductions over N).
@@ -497,11 +499,16 @@ def _block_states(plan, dblk, dublk, A, Bl, t0, start, a, h, p) -> None:
     _outer(plan, dublk, _rows(Bl, t0, t0 + lb), out=h)
     a3, h3, p3 = a.view(k, q, -1), h.view(k, q, -1), p.view(k, q, -1)
     h3[0, 0].addcmul_(a3[0, 0], start)
-    if k > 1 and p is not a:
-        p3[1:, 0].copy_(a3[1:, 0])
+    # unbind: all per-step views in one call (per-step indexing is a visible cost on CPU)
+    a_s, h_s = a3.unbind(1), h3.unbind(1)
+    if k > 1:
+        if p is not a:
+            p3[1:, 0].copy_(a3[1:, 0])
+        a_rest, p_rest = a3[1:].unbind(1), p3[1:].unbind(1)
     for s in range(1, q):  # every chunk of the block advances one step (chunks start at 0)
-        h3[:, s].addcmul_(a3[:, s], h3[:, s - 1])
+        h_s[s].addcmul_(a_s[s], h_s[s - 1])
         if k > 1:
-            torch.mul(p3[1:, s - 1], a3[1:, s], out=p3[1:, s])
+            torch.mul(p_rest[s - 1], a_rest[s], out=p_rest[s])
+    h_c, p_c = h3.unbind(0), p3.unbind(0)
     for j in range(1, k):  # add the decayed end state of the (already complete) chunk j-1
-        h3[j].addcmul_(p3[j], h3[j - 1, q - 1])
+        h_c[j].addcmul_(p_c[j], h_c[j - 1][q - 1])
