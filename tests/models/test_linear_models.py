@@ -32,15 +32,6 @@ SIZES = (28, 64, 128, 224)
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small batches gain nothing from intra-op threads; on a busy 2-core box they thrash."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _conf(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml"))
 

@@ -17,16 +17,6 @@ from medlite.models.cnn.litecnn import LiteCNN, stem_stride_for
 SIZES = (28, 64, 128, 224)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Batch-of-2 passes gain nothing from intra-op threads; with the cores busy (a training run
-    beside the tests) OpenMP barriers make each of LiteCNN's many small ops wait for a time slice."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 CONF_KWARGS = OmegaConf.to_container(
     OmegaConf.load(Path(__file__).resolve().parents[2] / "conf" / "model" / "litecnn.yaml").kwargs
 )

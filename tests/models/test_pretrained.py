@@ -18,14 +18,6 @@ from medlite.models import pretrained as pt
 from tests.helpers import CONF_DIR
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def no_network(monkeypatch, tmp_path):
     """No network and empty weight caches; any hub download attempt is recorded and fails."""

@@ -40,15 +40,6 @@ UNUSED_PARAMS: dict[str, str] = {}
 REQUIRED_KEYS = ("name", "arch", "paradigm", "input_size", "pretrained", "kwargs")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Batch-of-2 passes gain nothing from intra-op threads, and thrash when a run shares the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _raw(name: str):
     return OmegaConf.load(MODEL_DIR / f"{name}.yaml")
 
