@@ -164,16 +164,21 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path: Path, monkeypat
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def test_train_py_end_to_end(tmp_path: Path) -> None:
+def _train_py(tmp_path: Path, args: list[str]) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess with its own cache folder."""
     env = {**os.environ, "MEDLITE_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run(
-        [sys.executable, "train.py", "debug=limit", f"hydra.run.dir={tmp_path / 'run'}"],
+    return subprocess.run(
+        [sys.executable, "train.py", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
         env=env,
     )
+
+
+def test_train_py_end_to_end(tmp_path: Path) -> None:
+    proc = _train_py(tmp_path, ["debug=limit", f"hydra.run.dir={tmp_path / 'run'}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "run directory" in proc.stdout and "SYNTHETIC" in proc.stdout
     res = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -211,23 +216,8 @@ def test_teacher_without_checkpoint_is_a_config_error(tmp_path: Path) -> None:
 
 
 def test_multirun_goes_on_after_a_failing_job(tmp_path: Path) -> None:
-    env = {**os.environ, "MEDLITE_CACHE_DIR": str(tmp_path / "cache")}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "-m",
-            "debug=limit",
-            "callbacks=none",
-            "data.size=100,28",
-            f"hydra.sweep.dir={tmp_path / 'sweep'}",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
+    sweep = f"hydra.sweep.dir={tmp_path / 'sweep'}"
+    proc = _train_py(tmp_path, ["-m", "debug=limit", "callbacks=none", "data.size=100,28", sweep])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data.size=100" in proc.stderr  # the failing job's clear message
     results = list((tmp_path / "sweep").glob("*/results.json"))
