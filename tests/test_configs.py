@@ -73,3 +73,9 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path) -> 
         assert all(obj is not None for obj in objs)
         if group == "logger":
             assert any(type(o).__name__ == "CSVLogger" for o in objs), "CSV is always logged"
+
+
+def test_model_recommended_lr_feeds_adamw_and_user_override_wins(tmp_path) -> None:
+    assert make_cfg(tmp_path, []).optim.lr == 3e-3
+    assert make_cfg(tmp_path, ["model=mobilevit"]).optim.lr == 1e-3
+    assert make_cfg(tmp_path, ["model=mobilevit", "optim.lr=5e-4"]).optim.lr == 5e-4
