@@ -26,9 +26,11 @@ from medlite.modules import (
     module_class,
 )
 from medlite.modules.base import lr_factor
+from tests.helpers import make_cfg
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-ADAMW = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "optim" / "adamw.yaml"))
+# the composed default (adamw's lr interpolates the model's recommendation)
+ADAMW = OmegaConf.to_container(make_cfg(Path("unused"), ["optim=adamw"]).optim, resolve=True)
 BINARY_TASK = Task(BINARY, ("neg", "pos"))
 
 
