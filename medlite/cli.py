@@ -10,8 +10,6 @@ from rich.console import Console
 
 from medlite.errors import MedliteError
 
-log = logging.getLogger(__name__)
-
 
 def _is_multirun() -> bool:
     try:
@@ -29,7 +27,9 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     # the CSV logger shares the run directory with Hydra's files; it only rewrites metrics.csv
-    warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
+    warnings.filterwarnings(
+        "ignore", message=".*Experiment logs directory .* exists and is not empty.*"
+    )
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 
 

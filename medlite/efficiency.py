@@ -57,6 +57,11 @@ def _unfused_attention(model: nn.Module) -> Iterator[None]:
             m.fused_attn = True
 
 
+def count_parameters(model: nn.Module) -> int:
+    """All parameters, trainable or not (the number every table reports)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def count_macs(model: nn.Module, example: torch.Tensor) -> int:
     """Multiply-accumulates of one forward pass on ``example`` (batch included)."""
     was_training = model.training
@@ -156,7 +161,7 @@ def profile_model(
         batch = torch.randn(throughput_batch, *input_shape)
         t_batch = _time_ms(model, batch, 1, max(3, repeats // 10))
         return EfficiencyProfile(
-            params=sum(p.numel() for p in model.parameters()),
+            params=count_parameters(model),
             macs=macs,
             size_mb=round(size_on_disk_mb(model), 4),
             input_shape=list(input_shape),

@@ -13,6 +13,7 @@ import os
 
 from torch import nn
 
+from medlite.efficiency import count_parameters  # noqa: F401  (re-exported)
 from medlite.errors import ConfigError
 from medlite.models import registry
 
@@ -108,7 +109,3 @@ def _variant_hint(name: str) -> str:
         return ""
     more = f", ... ({len(members)} in all)" if len(members) > 12 else ""
     return f" timm's {family}_* models: {', '.join(members[:12])}{more}."
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
