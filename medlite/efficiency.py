@@ -147,7 +147,12 @@ def profile_model(
     throughput_batch: int = 64,
     threads: int | None = None,
 ) -> EfficiencyProfile:
-    """Measure ``model`` on CPU for inputs of shape (C, H, W); restores train mode and threads."""
+    """Measure ``model`` on CPU for inputs of shape (C, H, W); restores train mode and threads.
+
+    A model that torch can't inspect (an ONNX Runtime int8 session wrapped as a module) carries a
+    ``profile_overrides`` dict with what it knows itself: ``params``, ``macs``, ``size_mb``.
+    """
+    known = dict(getattr(model, "profile_overrides", None) or {})
     old_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -156,14 +161,14 @@ def profile_model(
     try:
         one = torch.randn(1, *input_shape)
         memory = peak_forward_memory_mb(model, one)  # first, before caches are warm
-        macs = count_macs(model, one)
+        macs = known["macs"] if "macs" in known else count_macs(model, one)
         lat = sorted(_time_ms(model, one, warmup, repeats))
         batch = torch.randn(throughput_batch, *input_shape)
         t_batch = _time_ms(model, batch, 1, max(3, repeats // 10))
         return EfficiencyProfile(
-            params=count_parameters(model),
+            params=known.get("params", count_parameters(model)),
             macs=macs,
-            size_mb=round(size_on_disk_mb(model), 4),
+            size_mb=round(known.get("size_mb", size_on_disk_mb(model)), 4),
             input_shape=list(input_shape),
             threads=torch.get_num_threads(),
             latency_ms=round(statistics.median(lat), 4),

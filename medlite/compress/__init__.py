@@ -1,18 +1,18 @@
-"""Compression recipes: ``compress=<name>`` builds a list of steps from ``cfg.compress.steps``."""
+"""Compression recipes: ``compress=<name>`` builds a list of steps from ``cfg.compress.steps``.
+
+Each technique lives in its own module and registers its step kinds with
+:func:`medlite.compress.registry.register_step`; importing this package registers them all.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from medlite.compress.base import CompressionStep, LossTerm, RunContext
+from medlite.compress.base import CompressionStep, LossTerm, RunContext, frozen_copy
+from medlite.compress.registry import STEP_TYPES, register_step
 from medlite.errors import ConfigError
-
-# step kind -> constructor(**params); compression techniques register here.
-STEP_TYPES: dict[str, Callable[..., CompressionStep]] = {}
 
 
 def build_steps(step_cfgs: list[dict] | None) -> list[CompressionStep]:
-    """``[{kind: prune, ratio: 0.5}, ...]`` -> step objects, with a clear error for unknown kinds."""
+    """``[{kind: prune, ratio: 0.5}, ...]`` -> step objects, with a clear error for a bad recipe."""
     steps = []
     for i, raw in enumerate(step_cfgs or []):
         params = dict(raw)
@@ -22,8 +22,38 @@ def build_steps(step_cfgs: list[dict] | None) -> list[CompressionStep]:
             raise ConfigError(
                 f"compress.steps[{i}]: unknown step kind {kind!r}; valid kinds: {valid}"
             )
-        steps.append(STEP_TYPES[kind](**params))
+        try:
+            steps.append(STEP_TYPES[kind](**params))
+        except TypeError as err:  # an unknown or missing parameter
+            raise ConfigError(f"compress.steps[{i}] (kind {kind}): {err}") from None
+    for i, step in enumerate(steps[:-1]):
+        if step.terminal:
+            raise ConfigError(
+                f"compress.steps[{i}] ({step.kind}) produces a model that cannot be changed "
+                f"further, so it must be the last step; it is followed by {steps[i + 1].kind}"
+            )
     return steps
 
 
-__all__ = ["STEP_TYPES", "CompressionStep", "LossTerm", "RunContext", "build_steps"]
+def _register_builtin_steps() -> None:
+    import importlib
+
+    for module in ("kd", "prune", "quantize", "lowrank"):
+        try:
+            importlib.import_module(f"medlite.compress.{module}")
+        except ModuleNotFoundError as err:
+            if err.name != f"medlite.compress.{module}":
+                raise
+
+
+_register_builtin_steps()
+
+__all__ = [
+    "STEP_TYPES",
+    "CompressionStep",
+    "LossTerm",
+    "RunContext",
+    "build_steps",
+    "frozen_copy",
+    "register_step",
+]

@@ -1,17 +1,21 @@
-"""The plug-in points a compression technique uses, designed into the pipeline from the start.
+"""The plug-in points a compression technique uses.
 
-A compression recipe is a list of :class:`CompressionStep` objects (``cfg.compress.steps``). The
-pipeline calls, in order: ``prepare`` (before training: prune, factorise, insert fake-quant),
-collects ``loss_terms`` (added to the task loss: distillation) and ``callbacks`` (iterative
-pruning schedules), trains, then calls ``finalize`` (after training: int8 conversion) and
-re-tests the returned model.
+A compression recipe (``conf/compress/<name>.yaml``) is an ordered list of steps. The pipeline
+first trains the model as usual (or loads ``compress.base_ckpt``; ``compress.base: scratch``
+skips this, e.g. for distillation from scratch) and measures it: the "before" row. Then, for each
+step in order, it calls ``prepare`` (prune, factorise, insert fake-quant, convert to int8), trains
+for ``step.epochs`` epochs with the step's ``loss_terms`` and ``callbacks`` when that is > 0
+(fine-tuning, distillation), calls ``finalize`` (e.g. QAT -> int8) and measures the result: one
+row per step in the before/after table. Steps marked ``terminal`` return a model that cannot be
+trained further (an int8 runtime session), so they must come last.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
@@ -24,16 +28,36 @@ if TYPE_CHECKING:
 
 @dataclass
 class RunContext:
-    """What a step may need besides the model: the run's config, data, folder and teacher."""
+    """What a step may need besides the model: config, data, run folder, teacher, the base model."""
 
     cfg: DictConfig
     datamodule: pl.LightningDataModule
     output_dir: Path
     teacher: nn.Module | None = None
+    #: frozen copy of the trained model before the first step (e.g. KD from the unpruned model)
+    base_model: nn.Module | None = None
+    #: free-form notes steps leave for later steps (e.g. the fp32 model a quantizer started from)
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def example_input(self, batch_size: int = 1) -> torch.Tensor:
+        """A real training batch (first ``batch_size`` images), for tracing and dependency graphs."""
+        x, _ = next(iter(self.datamodule.train_dataloader()))
+        return x[:batch_size]
+
+    def calibration_batches(self, n_batches: int) -> list[torch.Tensor]:
+        """Input batches from the training split, without augmentation, for calibration."""
+        loader = self.datamodule.calibration_dataloader()
+        out = []
+        for x, _ in loader:
+            out.append(x)
+            if len(out) >= n_batches:
+                break
+        return out
 
 
 class LossTerm(nn.Module):
-    """An extra training loss; a module so that what it holds (a frozen teacher) follows the device."""
+    """An extra training loss; a module so that what it holds (a frozen teacher, an adapter) follows
+    the device and, when trainable, joins the optimiser."""
 
     name = "extra"
 
@@ -44,9 +68,24 @@ class LossTerm(nn.Module):
 
 
 class CompressionStep:
-    """Base step: every hook is a no-op, so a step overrides only what it changes."""
+    """Base step: every hook is a no-op, so a step overrides only what it changes.
 
-    name = "step"
+    ``epochs`` and ``lr`` configure the training phase that follows ``prepare`` (0 epochs: none;
+    ``lr`` None: the run's optimiser learning rate).
+    """
+
+    kind = "step"  # set by @register_step
+    terminal = False
+
+    def __init__(self, epochs: int = 0, lr: float | None = None) -> None:
+        self.epochs = int(epochs)
+        self.lr = None if lr is None else float(lr)
+        #: facts worth recording in results.json (sparsity, ranks, skipped layers...)
+        self.report: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        return self.kind
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         return model
@@ -57,6 +96,11 @@ class CompressionStep:
     def callbacks(self) -> list[pl.Callback]:
         return []
 
-    def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module | None:
-        """Return a new model to re-test (e.g. int8), or None when training's model is final."""
-        return None
+    def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
+        return model
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy in eval mode with gradients off (a teacher or a reference that must not change)."""
+    clone = copy.deepcopy(model)
+    return clone.eval().requires_grad_(False)

@@ -150,6 +150,12 @@ class MedMNISTDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False, self.eval_batch_size)
 
+    def calibration_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """Training images without augmentation, in a fixed order (int8 calibration, pruning)."""
+        train = self.splits["train"]
+        plain = ArrayDataset(train.images, train.labels.numpy(), self.preprocess, None)
+        return DataLoader(plain, batch_size=batch_size or self.batch_size, shuffle=False)
+
     def describe(self) -> dict:
         """What results.json records about the data."""
         return {

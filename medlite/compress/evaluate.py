@@ -1,0 +1,40 @@
+"""Test-split metrics for any model, trainable or not (an int8 runtime session included).
+
+The Lightning module computes the same metrics during training; compression needs them for
+models Lightning can't drive (ONNX Runtime sessions) and for the before/after rows, so this is
+the one plain loop every row of the table goes through.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from medlite.data.tasks import Task
+from medlite.metrics import compute_metrics
+
+
+def predict_scores(model: nn.Module, loader: DataLoader, task: Task) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, scores) over a loader, in eval mode, without gradients."""
+    was_training = getattr(model, "training", False)
+    if isinstance(model, nn.Module):
+        model.eval()
+    labels, scores = [], []
+    try:
+        with torch.inference_mode():
+            for x, y in loader:
+                logits = model(x)
+                labels.append(y)
+                scores.append(task.scores(logits.float()))
+    finally:
+        if isinstance(model, nn.Module):
+            model.train(was_training)
+    return torch.cat(labels).numpy(), torch.cat(scores).numpy()
+
+
+def evaluate(model: nn.Module, loader: DataLoader, task: Task) -> dict[str, float]:
+    """The run's metrics (AUC, ACC, ...) of ``model`` on ``loader``."""
+    y, s = predict_scores(model, loader, task)
+    return compute_metrics(y, s, task.type)
