@@ -111,6 +111,8 @@ def print_summary(results: dict, console: Console | None = None) -> None:
         fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"  # noqa: E731
         table.add_row(key, fmt(test.get(key)), fmt(val.get(key)))
     console.print(table)
+    if results.get("compression", {}).get("stages"):
+        console.print(compression_table(results))
     eff = results.get("efficiency")
     if eff:
         console.print(
@@ -124,3 +126,38 @@ def print_summary(results: dict, console: Console | None = None) -> None:
         else f"status {results.get('status')}"
     )
     console.print(f"run directory: [bold]{results.get('run_dir')}[/bold]")
+
+
+def compression_table(results: dict) -> Table:
+    """Before/after: accuracy and cost of every stage of a compression recipe, side by side."""
+    comp = results["compression"]
+    table = Table(title=f"compress={results.get('compress', {}).get('name')}: before / after")
+    for col in (
+        "stage",
+        "test AUC",
+        "test ACC",
+        "params",
+        "MACs (M)",
+        "size (MB)",
+        "latency bs1 (ms)",
+        "throughput (img/s)",
+    ):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    first = comp["stages"][0].get("efficiency")
+    for row in comp["stages"]:
+        eff, test = row.get("efficiency") or {}, row.get("test") or {}
+        num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+        ratio = ""
+        if first and eff and row is not comp["stages"][0] and eff.get("latency_ms"):
+            ratio = f" ({first['latency_ms'] / eff['latency_ms']:.1f}x)"
+        table.add_row(
+            row["stage"],
+            num(test.get("auc"), ".4f"),
+            num(test.get("acc"), ".4f"),
+            num(eff.get("params"), ","),
+            num(eff["macs"] / 1e6 if eff.get("macs") is not None else None, ".2f"),
+            num(eff.get("size_mb"), ".3f"),
+            num(eff.get("latency_ms"), ".3f") + ratio,
+            num(eff.get("throughput_ips"), ".0f"),
+        )
+    return table

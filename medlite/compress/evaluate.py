@@ -16,7 +16,9 @@ from medlite.data.tasks import Task
 from medlite.metrics import compute_metrics
 
 
-def predict_scores(model: nn.Module, loader: DataLoader, task: Task) -> tuple[np.ndarray, np.ndarray]:
+def predict_scores(
+    model: nn.Module, loader: DataLoader, task: Task
+) -> tuple[np.ndarray, np.ndarray]:
     """(labels, scores) over a loader, in eval mode, without gradients."""
     was_training = getattr(model, "training", False)
     if isinstance(model, nn.Module):

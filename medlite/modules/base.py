@@ -42,6 +42,8 @@ class MedliteModule(pl.LightningModule):
         scheduler: dict | None = None,
         label_smoothing: float = 0.0,
         loss_terms: Sequence[LossTerm] = (),
+        task_loss_weight: float = 1.0,
+        log_prefix: str = "",
     ) -> None:
         super().__init__()
         self.model = model
@@ -50,6 +52,11 @@ class MedliteModule(pl.LightningModule):
         self.sched_cfg = dict(scheduler or {"name": "none"})
         self.label_smoothing = float(label_smoothing)
         self.loss_terms = nn.ModuleList(loss_terms)
+        #: weight of the task loss next to the extra terms (``w_ce`` in distillation)
+        self.task_loss_weight = float(task_loss_weight)
+        #: metric-name prefix of this training phase ("" for ordinary training, "kd/" ...), so the
+        #: phases of one compressed run keep separate curves in the same logger
+        self.log_prefix = log_prefix
         self.metrics: dict[str, dict[str, float]] = {}
         self._scores: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"val": [], "test": []}
 
@@ -64,20 +71,26 @@ class MedliteModule(pl.LightningModule):
         logits = self(x)
         targets = self.task.targets(y)
         loss = self.task.loss(logits, targets, self.label_smoothing)
+        if self.loss_terms:
+            self._log("train/loss_task", loss, on_step=False, on_epoch=True, batch_size=len(x))
+            loss = self.task_loss_weight * loss
         for term in self.loss_terms:
             extra = term(self, x, logits, targets)
-            self.log(
+            self._log(
                 f"train/loss_{term.name}", extra, on_step=False, on_epoch=True, batch_size=len(x)
             )
             loss = loss + extra
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x))
+        self._log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(x))
         return loss
+
+    def _log(self, name: str, value, **kwargs) -> None:
+        self.log(self.log_prefix + name, value, **kwargs)
 
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> None:
         x, y = batch
         logits = self(x)
         loss = self.task.loss(logits, self.task.targets(y))
-        self.log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
+        self._log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
         self._scores[split].append(
             (y.detach().cpu(), self.task.scores(logits.float()).detach().cpu())
         )
@@ -105,7 +118,7 @@ class MedliteModule(pl.LightningModule):
         metrics = compute_metrics(y, s, self.task.type)
         self.metrics[split] = metrics
         for name, value in metrics.items():
-            self.log(f"{split}/{name}", value, prog_bar=split == "val" and name == "auc")
+            self._log(f"{split}/{name}", value, prog_bar=split == "val" and name == "auc")
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_metrics("val")
@@ -122,7 +135,9 @@ class MedliteModule(pl.LightningModule):
 
     def param_groups(self) -> list[dict]:
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
+        # trainable parts of loss terms (feature-distillation adapters) train with the model
+        named = [*self.model.named_parameters(), *self.loss_terms.named_parameters()]
+        for name, p in named:
             if p.requires_grad:
                 (no_decay if self.is_no_decay(name, p) else decay).append(p)
         wd = float(self.optim_cfg.get("weight_decay", 0.0))

@@ -1,0 +1,146 @@
+"""Running a compression recipe: base model, then each step, measuring every stage the same way.
+
+Each stage (the base model before compression, the teacher when distilling from scratch, and the
+model after every step) gets a row: validation and test metrics from one plain evaluation loop and
+the same efficiency profile, all in this process, so before and after are directly comparable.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from medlite.compress.base import CompressionStep, RunContext, frozen_copy
+from medlite.compress.evaluate import evaluate
+from medlite.compress.teacher import load_weights
+from medlite.efficiency import profile_model
+from medlite.errors import ConfigError
+from medlite.training import train_phase
+
+log = logging.getLogger(__name__)
+
+BASES = ("train", "scratch")
+
+
+def check_recipe(cfg: DictConfig) -> None:
+    """Config mistakes a recipe can make, found before any training."""
+    base = cfg.compress.get("base", "train")
+    if base not in BASES:
+        raise ConfigError(f"compress.base must be one of {BASES}, got {base!r}")
+    ckpt = cfg.compress.get("base_ckpt")
+    if ckpt and not Path(str(ckpt)).expanduser().is_file():
+        raise ConfigError(f"compress.base_ckpt={ckpt} does not exist")
+
+
+def _stage(
+    cfg: DictConfig, name: str, model: nn.Module, datamodule, input_shape: tuple[int, int, int]
+) -> dict:
+    row = {
+        "stage": name,
+        "val": evaluate(model, datamodule.val_dataloader(), datamodule.task),
+        "test": evaluate(model, datamodule.test_dataloader(), datamodule.task),
+    }
+    if cfg.profile.enabled:
+        prof = {k: v for k, v in cfg.profile.items() if k != "enabled"}
+        row["efficiency"] = profile_model(model, input_shape, **prof).as_dict()
+    log.info("stage %s: test AUC %.4f", name, row["test"].get("auc", float("nan")))
+    return row
+
+
+def _prefixes(steps: Sequence[CompressionStep]) -> list[str]:
+    kinds = [s.kind for s in steps]
+    return [f"{k}/" if kinds.count(k) == 1 else f"{k}{i}/" for i, k in enumerate(kinds)]
+
+
+def run_recipe(
+    cfg: DictConfig,
+    model: nn.Module,
+    datamodule,
+    steps: Sequence[CompressionStep],
+    ctx: RunContext,
+    loggers: Sequence,
+    results: dict,
+    teacher_info: dict | None = None,
+) -> nn.Module:
+    """Base -> steps; fills ``results['compression']``, ``results['val']``/``['test']`` (the final
+    model's) and returns the final model."""
+    out = ctx.output_dir
+    shape = (
+        datamodule.in_chans,
+        datamodule.preprocess.input_size,
+        datamodule.preprocess.input_size,
+    )
+    comp = results.setdefault("compression", {})
+    comp.update(
+        base=cfg.compress.get("base", "train"),
+        base_ckpt=cfg.compress.get("base_ckpt"),
+        steps=[],
+        stages=[],
+    )
+    if teacher_info:
+        comp["teacher"] = teacher_info
+    if comp["base"] == "train":
+        if comp["base_ckpt"]:
+            load_weights(model, Path(str(comp["base_ckpt"])).expanduser(), cfg.model.arch)
+            log.info("base model loaded from %s (not retrained)", comp["base_ckpt"])
+        else:
+            phase = train_phase(
+                cfg, model, datamodule, ckpt_dir=out / "checkpoints", loggers=loggers
+            )
+            results["best_checkpoint"] = phase.best_checkpoint
+            model = phase.module.model
+        comp["stages"].append(_stage(cfg, "before", model, datamodule, shape))
+        ctx.base_model = frozen_copy(model)
+    elif ctx.teacher is not None:
+        comp["stages"].append(_stage(cfg, "teacher", ctx.teacher, datamodule, shape))
+
+    for step, prefix in zip(steps, _prefixes(steps), strict=True):
+        log.info("compression step %s", step.kind)
+        model = step.prepare(model, ctx)
+        if step.epochs > 0:
+            phase = train_phase(
+                cfg,
+                model,
+                datamodule,
+                ckpt_dir=out / "checkpoints" / prefix.rstrip("/"),
+                loggers=loggers,
+                prefix=prefix,
+                epochs=step.epochs,
+                lr=step.lr,
+                loss_terms=step.loss_terms(),
+                task_loss_weight=getattr(step, "task_loss_weight", 1.0),
+                callbacks=step.callbacks(),
+                test=False,
+            )
+            model = phase.module.model
+        model = step.finalize(model, ctx)
+        comp["steps"].append({"kind": step.kind, "epochs": step.epochs, "report": step.report})
+        comp["stages"].append(_stage(cfg, prefix.rstrip("/"), model, datamodule, shape))
+
+    final = comp["stages"][-1]
+    results["val"], results["test"] = final["val"], final["test"]
+    if "efficiency" in final:
+        results["efficiency"] = final["efficiency"]
+    comp["saved"] = save_final(model, out / "compressed")
+    return model
+
+
+def save_final(model: nn.Module, folder: Path) -> str | None:
+    """Keep the compressed model: its int8 file as written by the step, or the whole module pickled
+    (a pruned or factorised network no longer matches its config, so weights alone can't rebuild it)."""
+    path = getattr(model, "path", None)
+    if path is not None:
+        return str(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "model.pt"
+    try:
+        torch.save(model, target)
+    except Exception as err:  # noqa: BLE001 - a model that can't be pickled is still a result
+        log.warning("could not save the compressed model as a whole module: %s", err)
+        return None
+    return str(target)
