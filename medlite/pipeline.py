@@ -114,6 +114,10 @@ def run(cfg: DictConfig) -> float:
             OmegaConf.to_container(cfg.compress.steps, resolve=True) if cfg.compress.steps else []
         )
         check_recipe(cfg)
+        if steps:
+            example = next(iter(dm.calibration_dataloader(batch_size=2)))[0]
+            for step in steps:
+                step.check(model, example)
         needs_teacher = any(getattr(s, "needs_teacher", False) for s in steps)
         teacher_plan = plan_teacher(cfg) if needs_teacher else None
     except MedliteError:

@@ -87,6 +87,10 @@ class CompressionStep:
     def name(self) -> str:
         return self.kind
 
+    def check(self, model: nn.Module, example: torch.Tensor) -> None:
+        """Called on the untrained model before any training: raise a ConfigError now for a model
+        this step can't handle (e.g. one the int8 exporter can't trace), not after an hour."""
+
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         return model
 
