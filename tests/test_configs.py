@@ -8,8 +8,10 @@ import torch
 from omegaconf import OmegaConf
 
 from medlite import config as config_checks
+from medlite.compress import build_steps
 from medlite.errors import ConfigError
-from medlite.pipeline import _instantiate_dict, build_datamodule, build_model
+from medlite.pipeline import build_datamodule, build_model
+from medlite.training import instantiate_group
 from tests.helpers import CONF_DIR, make_cfg
 
 GROUPS = [
@@ -68,8 +70,12 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path) -> 
             pytest.skip("trainer=gpu needs a GPU")
         trainer = hydra.utils.instantiate(cfg.trainer, logger=False, enable_progress_bar=False)
         assert trainer.max_epochs == cfg.trainer.max_epochs
+    if group == "compress":  # every recipe builds: known step kinds, valid parameters, order
+        steps = build_steps(OmegaConf.to_container(cfg.compress.steps, resolve=True))
+        assert [s.kind for s in steps] == [d["kind"] for d in cfg.compress.steps]
+        assert cfg.compress.base in ("train", "scratch")
     if group in ("callbacks", "logger"):
-        objs = _instantiate_dict(cfg[group])
+        objs = instantiate_group(cfg[group])
         assert all(obj is not None for obj in objs)
         if group == "logger":
             assert any(type(o).__name__ == "CSVLogger" for o in objs), "CSV is always logged"
