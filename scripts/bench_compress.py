@@ -100,9 +100,9 @@ def kd_rows(args) -> list[dict]:
             common = [*_common(args, data), f"seed={seed}"]
             root = args.out / data / "kd" / f"seed{seed}"
             teacher = run_one(root / "teacher", [*common, f"model={args.teacher}"], args.reuse)
-            alone = run_one(root / "student", [*common, f"model={args.student}"], args.reuse)
+            alone = run_one(root / args.student, [*common, f"model={args.student}"], args.reuse)
             kd = run_one(
-                root / "kd",
+                root / f"{args.student}_kd",
                 [
                     *common,
                     f"model={args.student}",
