@@ -120,6 +120,8 @@ def run_recipe(
             model = phase.module.model
         model = step.finalize(model, ctx)
         comp["steps"].append({"kind": step.kind, "epochs": step.epochs, "report": step.report})
+        for name, extra in getattr(step, "extra_stages", {}).items():  # e.g. fp32 on the runtime
+            comp["stages"].append(_stage(cfg, f"{prefix}{name}", extra, datamodule, shape))
         comp["stages"].append(_stage(cfg, prefix.rstrip("/"), model, datamodule, shape))
 
     final = comp["stages"][-1]
