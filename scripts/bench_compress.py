@@ -49,7 +49,13 @@ def run_one(out: Path, overrides: list[str], reuse: bool) -> dict:
 
 def _common(args, data: str) -> list[str]:
     extra = [f"data.epochs={args.epochs}"] if args.epochs else []
-    return [f"data={data}", "callbacks=none", "logger=csv", f"profile.threads={args.threads}", *extra]
+    return [
+        f"data={data}",
+        "callbacks=none",
+        "logger=csv",
+        f"profile.threads={args.threads}",
+        *extra,
+    ]
 
 
 def compression_rows(args, console: Console) -> list[dict]:

@@ -60,7 +60,9 @@ def test_teacher_input_renormalises_and_resizes() -> None:
 
     raw = torch.rand(2, 1, 28, 28)
     student_x = (raw - 0.5) / 0.5
-    wrapped = TeacherInput(Probe(), size=56, student_norm=([0.5], [0.5]), teacher_norm=([0.2], [0.3]))
+    wrapped = TeacherInput(
+        Probe(), size=56, student_norm=([0.5], [0.5]), teacher_norm=([0.2], [0.3])
+    )
     wrapped(student_x)
     expected = nn.functional.interpolate((raw - 0.2) / 0.3, size=(56, 56), mode="bilinear")
     assert seen["x"].shape == (2, 1, 56, 56)
@@ -74,7 +76,9 @@ def test_attention_map_is_unit_norm_and_spatial() -> None:
 
 def test_auto_feature_layer_is_the_last_spatial_map() -> None:
     net = create_model("resnet18", num_classes=2, in_chans=1, img_size=64)
-    assert auto_feature_layer(net, torch.randn(1, 1, 64, 64)) == "layer4"  # the last stage (hooks fire as modules finish)
+    assert (
+        auto_feature_layer(net, torch.randn(1, 1, 64, 64)) == "layer4"
+    )  # the last stage (hooks fire as modules finish)
 
 
 # ---------------------------------------------------------------- config mistakes
