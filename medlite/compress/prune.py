@@ -61,9 +61,10 @@ PARTIAL_MIXERS = {"GatedConvBlock": ("fc1", "conv")}
 #: Blocks Torch-Pruning 1.6 fails on though they hold only convs and BatchNorms (an IndexError in
 #: its importance): FastViT's re-parameterisable MobileOne blocks. Kept whole, FastViT prunes.
 KEEP_WHOLE = {"MobileOneBlock"}
-#: Model classes on which Torch-Pruning 1.6's dependency analysis does not finish (measured: still
-#: in its index-mapping loop after 2 minutes): fail at once instead of waiting for timeout_s.
+#: Model classes Torch-Pruning 1.6 can't analyse (measured: its graph build raises, or is still in
+#: its index-mapping loop after 2 minutes): fail at once, before training, not after timeout_s.
 KNOWN_UNSUPPORTED = {
+    "Vim": "Torch-Pruning's dependency graph breaks on its flip + concatenate (TypeError)",
     "VRWKV": "Torch-Pruning's dependency analysis does not finish on it",
     "EfficientViM": "Torch-Pruning's dependency analysis does not finish on it",
     "EfficientVitMsra": "Torch-Pruning's dependency analysis does not finish on it",
