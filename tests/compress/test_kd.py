@@ -178,3 +178,13 @@ def test_feature_kd_trains_the_adapter_with_the_student(tmp_path: Path) -> None:
     state = torch.load(kd_ckpt, map_location="cpu", weights_only=False)["state_dict"]
     adapters = [k for k in state if "adapter" in k]
     assert adapters, "the FitNet adapter must be trained (and saved) with the student"
+
+
+@pytest.mark.parametrize(
+    "flag", ["synthlesion_multiclass", "synthlesion_multilabel", "synthlesion_ordinal"]
+)
+def test_kd_works_for_every_task_type(tmp_path: Path, flag: str) -> None:
+    res = _run(tmp_path / "run", [f"data.flag={flag}", "compress=kd", "max_phase_epochs=1"])
+    assert res["status"] == "ok" and 0.0 <= res["test"]["auc"] <= 1.0
+    kd_loss = _metric_by_epoch(tmp_path / "run" / "metrics.csv", "kd/train/loss_kd")
+    assert kd_loss and all(v == v and v >= 0 for v in kd_loss)  # finite, non-negative
