@@ -139,6 +139,8 @@ class _NaNAfter(LossTerm):
 
 
 class _NaNStep(CompressionStep):
+    kind = "nan_after"
+
     def __init__(self, steps: int) -> None:
         super().__init__(epochs=2)
         self.steps = steps
