@@ -138,6 +138,11 @@ class EfficiencyProfile:
         return asdict(self)
 
 
+def profile_settings(profile_cfg) -> dict:
+    """``cfg.profile`` -> keyword arguments of :func:`profile_model` (without the on/off switch)."""
+    return {k: v for k, v in profile_cfg.items() if k != "enabled"}
+
+
 def profile_model(
     model: nn.Module,
     input_shape: tuple[int, int, int],

@@ -21,7 +21,7 @@ from medlite.compress import RunContext, build_steps
 from medlite.compress.recipe import check_recipe, run_recipe
 from medlite.compress.teacher import obtain_teacher, plan_teacher
 from medlite.data.datamodule import MedMNISTDataModule
-from medlite.efficiency import profile_model
+from medlite.efficiency import profile_model, profile_settings
 from medlite.errors import MedliteError, TrainingError
 from medlite.models import count_parameters, create_model
 from medlite.results import git_revision, package_versions, print_summary, write_json
@@ -159,9 +159,8 @@ def run(cfg: DictConfig) -> float:
             model = phase.module.model
             results.update(best_checkpoint=phase.best_checkpoint, val=phase.val, test=phase.test)
             if cfg.profile.enabled:
-                prof = {k: v for k, v in cfg.profile.items() if k != "enabled"}
                 results["efficiency"] = profile_model(
-                    model, (in_chans, img_size, img_size), **prof
+                    model, (in_chans, img_size, img_size), **profile_settings(cfg.profile)
                 ).as_dict()
         results["status"] = "ok"
     except MedliteError as err:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 if TYPE_CHECKING:
@@ -38,6 +38,12 @@ class RunContext:
     base_model: nn.Module | None = None
     #: free-form notes steps leave for later steps (e.g. the fp32 model a quantizer started from)
     notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def arch(self) -> str | None:
+        """The configured model name, for messages (None for a bare context in a script)."""
+        arch = OmegaConf.select(self.cfg, "model.arch", default=None) if self.cfg else None
+        return None if arch is None else str(arch)
 
     def example_input(self, batch_size: int = 1) -> torch.Tensor:
         """A real training batch (first ``batch_size`` images), for tracing and dependency graphs."""

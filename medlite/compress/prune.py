@@ -105,10 +105,7 @@ def load_pruned(path: str | Path) -> nn.Module:
 
 
 def _arch(ctx: RunContext) -> str:
-    try:
-        return str(ctx.cfg.model.arch)
-    except Exception:  # noqa: BLE001 - a bare context in a script: still name something
-        return "model"
+    return ctx.arch or "model"
 
 
 def _is_prunable_layer(m: nn.Module) -> bool:

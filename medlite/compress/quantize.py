@@ -27,7 +27,6 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import nn
 
 from medlite.compress.base import CompressionStep, RunContext
@@ -67,7 +66,7 @@ def _choice(kind: str, key: str, value: str, options: dict[str, str]) -> str:
 
 
 def _arch(ctx: RunContext, model: nn.Module) -> str:
-    return str(OmegaConf.select(ctx.cfg, "model.arch", default=None) or type(model).__name__)
+    return ctx.arch or type(model).__name__
 
 
 def _size_mb(path: Path) -> float:

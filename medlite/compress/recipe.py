@@ -18,7 +18,7 @@ from torch import nn
 from medlite.compress.base import CompressionStep, RunContext, frozen_copy
 from medlite.compress.evaluate import evaluate
 from medlite.compress.teacher import load_weights
-from medlite.efficiency import profile_model
+from medlite.efficiency import profile_model, profile_settings
 from medlite.errors import ConfigError
 from medlite.training import train_phase
 
@@ -46,8 +46,9 @@ def _stage(
         "test": evaluate(model, datamodule.test_dataloader(), datamodule.task),
     }
     if cfg.profile.enabled:
-        prof = {k: v for k, v in cfg.profile.items() if k != "enabled"}
-        row["efficiency"] = profile_model(model, input_shape, **prof).as_dict()
+        row["efficiency"] = profile_model(
+            model, input_shape, **profile_settings(cfg.profile)
+        ).as_dict()
     log.info("stage %s: test AUC %.4f", name, row["test"].get("auc", float("nan")))
     return row
 

@@ -26,25 +26,16 @@ from medlite.compress.lowrank import (
 )
 from medlite.efficiency import count_macs, count_parameters
 from medlite.errors import ConfigError
-from medlite.pipeline import build_datamodule, build_model
-from tests.helpers import make_cfg
+from tests.helpers import make_cfg, model_and_context
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _seeded(one_thread):
     torch.manual_seed(0)
-    yield
-    torch.set_num_threads(before)
 
 
 def _setup(tmp_path: Path, overrides: list[str]) -> tuple[nn.Module, RunContext]:
-    cfg = make_cfg(tmp_path, ["data.batch_size=16", *overrides])
-    dm = build_datamodule(cfg)
-    dm.setup()
-    model = build_model(cfg.model, dm.task.num_outputs, dm.in_chans, dm.preprocess.input_size)
-    return model, RunContext(cfg=cfg, datamodule=dm, output_dir=tmp_path)
+    return model_and_context(tmp_path, ["data.batch_size=16", *overrides])
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

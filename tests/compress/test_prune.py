@@ -23,25 +23,14 @@ from medlite.compress.prune import (
 )
 from medlite.efficiency import count_macs, count_parameters
 from medlite.errors import ConfigError
-from medlite.pipeline import build_datamodule, build_model, run
-from tests.helpers import make_cfg
+from medlite.pipeline import run
+from tests.helpers import make_cfg, model_and_context
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _setup(tmp_path: Path, model: str = "litecnn") -> tuple[nn.Module, RunContext]:
-    cfg = make_cfg(tmp_path, [f"model={model}"])
-    dm = build_datamodule(cfg)
-    dm.setup()
-    torch.manual_seed(0)
-    net = build_model(cfg.model, dm.task.num_outputs, dm.in_chans, dm.preprocess.input_size)
-    return net, RunContext(cfg=cfg, datamodule=dm, output_dir=tmp_path)
+    return model_and_context(tmp_path, [f"model={model}"], seed=0)
 
 
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -34,13 +34,7 @@ from medlite.models import create_model
 from medlite.pipeline import build_datamodule, build_model
 from tests.helpers import make_cfg
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _steps(tmp_path, recipe: str, **changes) -> list:
