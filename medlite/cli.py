@@ -7,6 +7,7 @@ import warnings
 
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape
 
 from medlite.errors import MedliteError
 
@@ -33,6 +34,15 @@ def quiet_third_party() -> None:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 
 
+def print_error(err: MedliteError) -> None:
+    """One red line naming the error type, the message, and how to see the traceback."""
+    Console(stderr=True, soft_wrap=True).print(
+        f"[bold red]medlite: {type(err).__name__}[/bold red]: {escape(str(err))}\n"
+        "[dim](add show_traceback=true for the full traceback)[/dim]",
+        highlight=False,
+    )
+
+
 def train(cfg: DictConfig) -> float | None:
     """Entry used by ``train.py``: run the pipeline; print MedliteErrors cleanly unless ``show_traceback``."""
     from medlite.pipeline import run
@@ -43,11 +53,7 @@ def train(cfg: DictConfig) -> float | None:
     except MedliteError as err:
         if cfg.get("show_traceback"):
             raise
-        Console(stderr=True, soft_wrap=True).print(
-            f"[bold red]medlite: {type(err).__name__}[/bold red]: {err}\n"
-            "[dim](add show_traceback=true for the full traceback)[/dim]",
-            highlight=False,
-        )
+        print_error(err)
         if _is_multirun():  # one bad job must not stop the others
             return float("nan")
         raise SystemExit(1) from None

@@ -2,7 +2,7 @@
 
 validate config -> seed -> datamodule -> model -> [teacher] -> training phase(s) (one, or a
 compression recipe: base, then each step) -> best-validation checkpoint tested -> efficiency
-profile -> results.json.
+profile -> results.json -> [export with parity checks and the model card (``export=onnx``)].
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from medlite.compress import RunContext, build_steps
 from medlite.compress.recipe import check_recipe, run_recipe
 from medlite.compress.teacher import obtain_teacher, plan_teacher
 from medlite.data.datamodule import MedMNISTDataModule
+from medlite.deploy.export import export_run, settings_from_config
 from medlite.efficiency import profile_model, profile_settings
 from medlite.errors import MedliteError, TrainingError
 from medlite.models import count_parameters, create_model
@@ -118,6 +119,7 @@ def run(cfg: DictConfig) -> float:
             example = next(iter(dm.calibration_dataloader(batch_size=2)))[0]
             for step in steps:
                 step.check(model, example)
+        export_settings = settings_from_config(cfg.get("export"))
         needs_teacher = any(getattr(s, "needs_teacher", False) for s in steps)
         teacher_plan = plan_teacher(cfg) if needs_teacher else None
     except MedliteError:
@@ -176,6 +178,8 @@ def run(cfg: DictConfig) -> float:
         write_json(output_dir / "results.json", results)
         _finish_wandb(loggers, results)
     print_summary(results)
+    if export_settings is not None:
+        export_run(output_dir, export_settings)
     return _optimized(results, cfg.optimized_metric)
 
 

@@ -164,6 +164,16 @@ def _nodes_reading(onnx_path: Path, initializers: set[str]) -> list[str]:
     return [n.name for n in proto.graph.node if initializers & set(n.input)]
 
 
+def _save_torch_model(model: nn.Module, path: Path) -> None:
+    """Keep the PyTorch model the int8 file came from: deployment benchmarks eager PyTorch
+    against it, and a pruned or distilled network can't be rebuilt from the config alone."""
+    try:
+        torch.save(model, path)
+    except Exception as err:  # noqa: BLE001 - the int8 file is still the result
+        path.unlink(missing_ok=True)
+        log.warning("could not save the fp32 PyTorch model as %s: %s", path, err)
+
+
 class _OrtInt8Step(CompressionStep):
     """Shared by ptq / dynamic / qat: export fp32 ONNX, quantise it, measure and report."""
 
@@ -253,6 +263,7 @@ class _OrtInt8Step(CompressionStep):
         out = Path(ctx.output_dir) / "compressed"
         out.mkdir(parents=True, exist_ok=True)
         fp32_path = self._export(model, ctx, out / "model_fp32.onnx")
+        _save_torch_model(model, out / "model_fp32.pt")
         batches = ctx.calibration_batches(self.calibration_batches)
         if not batches:
             raise TrainingError(f"{self.kind}: the training split gave no calibration images")

@@ -1,0 +1,200 @@
+"""The deployment commands: ``scripts/export.py``, ``scripts/benchmark.py`` and ``predict.py``.
+
+They take ``key=value`` arguments like ``train.py`` (``run=<run dir>``), checked against a
+dataclass so a typo or a wrong type is one clear message, and they print medlite's errors
+without a traceback (``show_traceback=true`` shows it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from rich.console import Console
+from rich.table import Table
+
+from medlite.deploy.benchmark import BenchmarkSettings
+from medlite.deploy.export import ExportSettings
+from medlite.errors import ConfigError, MedliteError
+
+
+@dataclass
+class ExportCommand(ExportSettings):
+    """python scripts/export.py run=<run dir> [formats=[onnx_fp32,onnx_int8,torch_export]] ..."""
+
+    run: str = MISSING
+    #: where the MedMNIST file is (default: where the run found it, else MEDLITE_DATA_DIR)
+    data_dir: str | None = None
+    show_traceback: bool = False
+
+
+@dataclass
+class BenchmarkCommand(BenchmarkSettings):
+    """python scripts/benchmark.py run=<run dir> [threads=[1,2]] [repeats=50] ..."""
+
+    run: str = MISSING
+    data_dir: str | None = None
+    show_traceback: bool = False
+
+
+@dataclass
+class PredictCommand:
+    """python predict.py run=<run dir> input=<image file or folder> [runtime=auto] [out=preds.csv]"""
+
+    run: str = MISSING
+    #: a PNG/JPEG/BMP/TIFF, DICOM or 2D NIfTI file, or a folder of them (searched recursively)
+    input: str = MISSING
+    #: auto (int8 ONNX if exported and checked, else fp32 ONNX, else PyTorch), pytorch,
+    #: onnx_fp32 or onnx_int8
+    runtime: str = "auto"
+    #: also write the predictions to this CSV file
+    out: str | None = None
+    show_traceback: bool = False
+
+
+def _usage(schema: type) -> str:
+    lines = [(schema.__doc__ or "").strip(), "", "arguments (key=value):"]
+    for f in dataclasses.fields(schema):
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        shown = "required" if default == MISSING else f"default {default}"
+        lines.append(f"  {f.name:<22} ({shown})")
+    return "\n".join(lines)
+
+
+def parse_args(schema: type, argv: Sequence[str]):
+    """``key=value`` strings -> an instance of ``schema`` (a dataclass); ConfigError on mistakes."""
+    bad = [a for a in argv if "=" not in a]
+    if bad:
+        raise ConfigError(
+            f"arguments are key=value pairs; got {' '.join(bad)!r}\n\n{_usage(schema)}"
+        )
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(list(argv)))
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if missing:
+            raise ConfigError(
+                f"missing argument(s): {', '.join(f'{k}=...' for k in missing)}\n\n{_usage(schema)}"
+            )
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        msg = str(err).splitlines()[0]
+        raise ConfigError(f"bad argument: {msg}\n\n{_usage(schema)}") from None
+
+
+def run_command(main: Callable[[object, Console], int], schema: type, argv: Sequence[str]) -> int:
+    """Parse, run, and turn medlite's errors into one message and exit code 1."""
+    from medlite.cli import print_error, quiet_third_party
+
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(_usage(schema))
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_third_party()
+    console = Console()
+    if not console.is_terminal:  # piped or captured: don't squeeze tables into 80 columns
+        console = Console(width=160)
+    args = None
+    try:
+        args = parse_args(schema, argv)
+        return main(args, console)
+    except MedliteError as err:
+        if args is not None and getattr(args, "show_traceback", False):
+            raise
+        print_error(err)
+        return 1
+
+
+def _settings(args, base: type) -> object:
+    keys = {f.name for f in dataclasses.fields(base)}
+    return base(**{k: v for k, v in dataclasses.asdict(args).items() if k in keys})
+
+
+def export_main(args: ExportCommand, console: Console) -> int:
+    from medlite.deploy.export import export_run
+
+    record = export_run(args.run, _settings(args, ExportSettings), data_dir=args.data_dir)
+    table = Table(
+        title=f"export of {record['model']['name']} ({record['n_test_images']} test images)"
+    )
+    for col in ("format", "file", "MB", "test AUC", "test ACC", "max |diff|", "agree", "check"):
+        table.add_column(col, justify="left" if col in ("format", "file") else "right")
+    ref = record["reference"]["test"]
+    table.add_row("PyTorch", "-", "-", f"{ref['auc']:.4f}", f"{ref['acc']:.4f}", "-", "-", "-")
+    for fmt, e in record["formats"].items():
+        p = e["parity"]
+        table.add_row(
+            fmt,
+            e["path"].rsplit("/", 1)[-1],
+            f"{e['size_mb']:.2f}",
+            f"{e['test']['auc']:.4f}",
+            f"{e['test']['acc']:.4f}",
+            f"{p['max_abs_diff']:.2g}",
+            f"{p['label_agreement']:.3f}",
+            "pass" if p["ok"] else "FAIL",
+        )
+    console.print(table)
+    console.print(f"files, export.json and model_card.md: [bold]{record['run_dir']}[/bold]")
+    return 0
+
+
+def benchmark_main(args: BenchmarkCommand, console: Console) -> int:
+    from medlite.deploy.benchmark import benchmark_run, benchmark_table
+
+    record = benchmark_run(
+        args.run, _settings(args, BenchmarkSettings), data_dir=args.data_dir, console=console
+    )
+    console.print(benchmark_table(record))
+    console.print(f"benchmark.json, benchmark.png and model card updated in {args.run}")
+    return 0
+
+
+def predict_main(args: PredictCommand, console: Console) -> int:
+    from medlite.deploy.predict import Predictor, write_csv
+
+    predictor = Predictor(args.run, runtime=args.runtime)
+    rows = predictor.predict(args.input)
+    labels = predictor.task.labels
+    shown = labels if len(labels) <= 4 else None
+    table = Table(title=f"{predictor.run.name} via {predictor.runtime} (local, nothing uploaded)")
+    table.add_column("file")
+    table.add_column("predicted")
+    for lab in shown or ("top probabilities",):
+        table.add_column(f"p({lab})" if shown else lab, justify="right")
+    for r in rows:
+        name = str(r.path)
+        if not r.ok:
+            table.add_row(name, "[red]error[/red]", *([""] * (len(shown) if shown else 1)))
+            continue
+        if shown:
+            probs = [f"{r.probabilities[lab]:.4f}" for lab in shown]
+        else:
+            top = sorted(r.probabilities.items(), key=lambda kv: -kv[1])[:3]
+            probs = [", ".join(f"{k}: {v:.3f}" for k, v in top)]
+        table.add_row(name, "; ".join(r.predicted) or "(none)", *probs)
+    console.print(table)
+    failed = [r for r in rows if not r.ok]
+    for r in failed:
+        console.print(f"[red]{r.path}[/red]: {r.error}", highlight=False)
+    if args.out:
+        console.print(f"predictions written to {write_csv(rows, labels, args.out)}")
+    console.print(f"{len(rows) - len(failed)} of {len(rows)} file(s) predicted")
+    return 1 if failed else 0
+
+
+def main_export(argv: Sequence[str] | None = None) -> int:
+    return run_command(export_main, ExportCommand, sys.argv[1:] if argv is None else argv)
+
+
+def main_benchmark(argv: Sequence[str] | None = None) -> int:
+    return run_command(benchmark_main, BenchmarkCommand, sys.argv[1:] if argv is None else argv)
+
+
+def main_predict(argv: Sequence[str] | None = None) -> int:
+    return run_command(predict_main, PredictCommand, sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,284 @@
+"""Export a trained run for the edge and prove the export is the same model.
+
+Formats: ONNX fp32, ONNX int8 (ONNX Runtime static QDQ, calibrated on the training split; or
+the int8 file the run's own ptq/qat/dynamic recipe made) and a ``torch.export`` program. Each is
+run over the whole test split next to the PyTorch model: max |logit difference|, agreement of
+predicted labels, and the run's metrics through that runtime. A parity or accuracy check that
+fails raises :class:`ExportError` after ``export.json`` is written, so nothing measured is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.progress import track
+from torch import nn
+
+from medlite.compress.base import RunContext
+from medlite.deploy.model_card import plot_roc, write_model_card
+from medlite.deploy.onnx import OrtModel, export_onnx, onnx_exporter
+from medlite.deploy.run_dir import TrainedRun
+from medlite.efficiency import count_macs, count_parameters
+from medlite.errors import ConfigError, MedliteError
+from medlite.metrics import compute_metrics, predictions
+from medlite.results import package_versions, write_json
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx_fp32", "onnx_int8", "torch_export")
+FILE_NAMES = {
+    "onnx_fp32": "model.onnx",
+    "onnx_int8": "model_int8.onnx",
+    "torch_export": "model.pt2",
+}
+
+
+class ExportError(MedliteError):
+    """An export failed, or an exported model does not match the trained one closely enough."""
+
+
+@dataclass
+class ExportSettings:
+    """What to export and how strict the checks are (``conf/export/*.yaml`` has the same keys)."""
+
+    #: any of onnx_fp32, onnx_int8, torch_export
+    formats: list[str] = field(default_factory=lambda: list(FORMATS))
+    #: fp32 formats: max |logit diff| allowed, relative to max(1, largest |logit|)
+    fp32_tolerance: float = 1e-3
+    #: int8: largest test-AUC drop against PyTorch allowed (0.01 = one AUC point)
+    int8_max_auc_drop: float = 0.01
+    #: int8 calibration: training batches (no augmentation) and per-channel weight scales
+    calibration_batches: int = 8
+    per_channel: bool = True
+    #: ONNX opset (null: the exporter's default)
+    opset: int | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [f for f in self.formats if f not in FORMATS]
+        if unknown or not self.formats:
+            raise ConfigError(
+                f"export formats must be a non-empty subset of {FORMATS}, got {self.formats}"
+            )
+        if self.fp32_tolerance <= 0 or self.int8_max_auc_drop < 0:
+            raise ConfigError("export tolerances must be positive")
+
+
+def settings_from_config(node) -> ExportSettings | None:
+    """``cfg.export`` (a conf/export option) -> settings, or None when nothing is to be exported."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    if not values or not values.get("formats"):
+        return None
+    known = {f.name for f in fields(ExportSettings)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown export key(s) {unknown}; valid keys: {sorted(known)}")
+    return ExportSettings(**values)
+
+
+def _torch_export(model: nn.Module, example: torch.Tensor, path: Path) -> nn.Module:
+    """``torch.export`` with a dynamic batch, saved as ``.pt2``; returns the reloaded program."""
+    x = example if example.shape[0] >= 2 else example.expand(2, *example.shape[1:]).clone()
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, str(path))
+    return torch.export.load(str(path)).module()
+
+
+def _int8_from_recipe(run: TrainedRun, path: Path) -> dict:
+    shutil.copyfile(run.int8_onnx, path)
+    steps = run.results["compress"]["steps"]
+    return {"source": f"the run's compression recipe ({' -> '.join(steps)})"}
+
+
+def _int8_by_ptq(
+    run: TrainedRun, model: nn.Module, dm, settings: ExportSettings, path: Path
+) -> dict:
+    """Static int8 of ``model`` with the same code path as ``compress=ptq``."""
+    from medlite.compress.quantize import PostTrainingQuantization
+
+    step = PostTrainingQuantization(
+        calibration_batches=settings.calibration_batches,
+        per_channel=settings.per_channel,
+        opset=settings.opset,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = RunContext(cfg=run.cfg, datamodule=dm, output_dir=Path(tmp))
+        step.prepare(model, ctx)
+        shutil.copyfile(Path(tmp) / "compressed" / "model_int8.onnx", path)
+    keep = ("calibration_images", "int8_weight_fraction", "weight_dtypes_int8", "preprocess")
+    return {"source": "post-training static quantisation (QDQ, ONNX Runtime)"} | {
+        k: step.report[k] for k in keep if k in step.report
+    }
+
+
+def _parity(ref: np.ndarray, got: np.ndarray, task) -> dict:
+    a = predictions(_scores(ref, task), task.type)
+    b = predictions(_scores(got, task), task.type)
+    same = (a == b).all(axis=-1) if a.ndim > 1 else a == b  # multi-label: every label agrees
+    return {
+        "max_abs_diff": float(np.abs(ref - got).max()),
+        "mean_abs_diff": float(np.abs(ref - got).mean()),
+        "label_agreement": float(same.mean()),
+    }
+
+
+def _scores(logits: np.ndarray, task) -> np.ndarray:
+    return task.scores(torch.from_numpy(logits)).numpy()
+
+
+def _run_all(models: dict[str, nn.Module], dm) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Every model over the test split, batch by batch: (labels, logits per model)."""
+    labels, logits = [], {name: [] for name in models}
+    loader = dm.test_dataloader()
+    with torch.inference_mode():
+        for x, y in track(loader, description="test split through each runtime", transient=True):
+            labels.append(y.numpy())
+            for name, m in models.items():
+                logits[name].append(m(x).float().cpu().numpy())
+    return np.concatenate(labels), {k: np.concatenate(v) for k, v in logits.items()}
+
+
+def export_run(
+    run: TrainedRun | str | Path,
+    settings: ExportSettings | None = None,
+    *,
+    data_dir: str | None = None,
+) -> dict:
+    """Export ``run`` into ``<run>/export/`` and check every format; returns export.json's dict.
+
+    Raises :class:`ExportError` (after writing export.json) when a format could not be
+    exported, or its logits / AUC are outside the tolerances of ``settings``.
+    """
+    run = run if isinstance(run, TrainedRun) else TrainedRun.load(run)
+    settings = settings or ExportSettings()
+    out = run.export_dir
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    model = run.torch_model()
+    dm = run.datamodule(data_dir)
+    example = next(iter(dm.calibration_dataloader(batch_size=2)))[0]
+    task = run.task
+    try:
+        macs = count_macs(model, example[:1])
+    except Exception:  # noqa: BLE001 - a report nicety
+        macs = None
+    params = count_parameters(model)
+
+    formats: dict[str, dict] = {}
+    runtimes: dict[str, nn.Module] = {"pytorch": model}
+    for fmt in settings.formats:
+        path = out / FILE_NAMES[fmt]
+        path.unlink(missing_ok=True)
+        entry: dict = {"path": str(path)}
+        log.info("exporting %s as %s", run.name, fmt)
+        try:
+            if fmt == "onnx_fp32":
+                export_onnx(model, example, path, opset=settings.opset)
+                entry["exporter"] = onnx_exporter(path)
+                runtimes[fmt] = OrtModel(path, params=params, macs=macs)
+            elif fmt == "onnx_int8":
+                if run.int8_onnx is not None:
+                    entry |= _int8_from_recipe(run, path)
+                else:
+                    entry |= _int8_by_ptq(run, model, dm, settings, path)
+                runtimes[fmt] = OrtModel(path, params=params, macs=macs)
+            else:
+                runtimes[fmt] = _torch_export(model, example, path)
+        except Exception as err:  # noqa: BLE001 - recorded, then raised with the others
+            path.unlink(missing_ok=True)
+            entry["error"] = f"{type(err).__name__}: {err}"
+            log.error("%s export of %s failed: %s", fmt, run.name, entry["error"])
+        else:
+            entry["size_mb"] = round(path.stat().st_size / 2**20, 4)
+        formats[fmt] = entry
+
+    labels, logits = _run_all(runtimes, dm)
+    reference = compute_metrics(labels, _scores(logits["pytorch"], task), task.type)
+    problems = []
+    for fmt, entry in formats.items():
+        if "error" in entry:
+            problems.append(f"{fmt}: {entry['error']}")
+            continue
+        entry["test"] = compute_metrics(labels, _scores(logits[fmt], task), task.type)
+        entry["parity"] = _parity(logits["pytorch"], logits[fmt], task)
+        if fmt == "onnx_int8":
+            drop = reference["auc"] - entry["test"]["auc"]
+            entry["parity"]["auc_drop"] = float(drop)
+            entry["parity"]["tolerance"] = {"auc_drop": settings.int8_max_auc_drop}
+            entry["parity"]["ok"] = bool(drop <= settings.int8_max_auc_drop)
+            if not entry["parity"]["ok"]:
+                problems.append(
+                    f"onnx_int8: test AUC {entry['test']['auc']:.4f} is {drop:.4f} below PyTorch "
+                    f"({reference['auc']:.4f}), more than export.int8_max_auc_drop="
+                    f"{settings.int8_max_auc_drop}; try compress=qat, more calibration_batches, "
+                    "or per_channel=true"
+                )
+        else:
+            tol = settings.fp32_tolerance * max(1.0, float(np.abs(logits["pytorch"]).max()))
+            entry["parity"]["tolerance"] = {"max_abs_diff": tol}
+            entry["parity"]["ok"] = bool(entry["parity"]["max_abs_diff"] <= tol)
+            if not entry["parity"]["ok"]:
+                problems.append(
+                    f"{fmt}: logits differ from PyTorch by up to "
+                    f"{entry['parity']['max_abs_diff']:.3g} on the test split (tolerance {tol:.3g})"
+                )
+
+    record = {
+        "run_dir": str(run.path),
+        "model": run.results["model"],
+        "compress": run.results["compress"],
+        "input": {"shape": list(run.input_shape), **run.data["preprocess"]},
+        "n_test_images": int(len(labels)),
+        "reference": {
+            "runtime": "pytorch eager",
+            "params": params,
+            "macs": macs,
+            "test": reference,
+        },
+        "formats": formats,
+        "settings": asdict(settings),
+        "status": "failed" if problems else "ok",
+        "problems": problems,
+        "versions": package_versions() | _runtime_versions(),
+        "wall_time_s": round(time.time() - start, 2),
+    }
+    try:
+        shown = ("pytorch", "onnx_int8")
+        plot_roc(
+            labels,
+            {k: _scores(v, task) for k, v in logits.items() if k in shown},
+            task,
+            out / "roc.png",
+        )
+    except Exception as err:  # noqa: BLE001 - the numbers matter more than the picture
+        log.warning("could not draw the ROC plot: %s", err)
+    write_json(out / "export.json", record)
+    write_model_card(run)
+    if problems:
+        raise ExportError(
+            f"export of {run.name} did not pass its checks (details in {out / 'export.json'}):\n  "
+            + "\n  ".join(problems)
+        )
+    return record
+
+
+def _runtime_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out = {}
+    for name in ("onnx", "onnxruntime", "onnxscript"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out

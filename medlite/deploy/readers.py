@@ -1,0 +1,419 @@
+"""Read one medical image file into a uint8 MedMNIST-style array for local inference.
+
+``predict.py`` feeds what :func:`read_image` returns through the training preprocessing
+(:class:`medlite.data.transforms.Preprocess`), which takes uint8 ``(H, W)`` grayscale or
+``(H, W, 3)`` RGB arrays. Every problem a user can fix (an unsupported, corrupt or 3D file, a
+colour image for a grayscale model) raises :class:`InputError` naming the file, what is wrong and
+what to do; library errors are chained, never shown as a raw traceback.
+
+Intensity rules (the same for every format):
+
+* uint8 data is kept **bit-exact** (a MedMNIST image saved as PNG, 8-bit DICOM or uint8 NIfTI
+  reads back identical), unless a DICOM file asks for a rescale or a VOI LUT / window.
+* Any other data (16-bit, int32, float) is min–max scaled over the image to 0..255, because a
+  MedMNIST model only ever saw 0..255 images and there is no shared intensity scale to use.
+  Non-finite values become 0; a constant image becomes all 0 (with a warning).
+* A DICOM VOI LUT or window maps its output range to 0..255 (values outside the window clip),
+  so the image looks as the file's creator meant it to be displayed.
+
+pydicom (>= 3) and nibabel are imported inside the readers that need them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from medlite.errors import DataError
+
+log = logging.getLogger(__name__)
+
+PILLOW_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+DICOM_SUFFIXES = (".dcm", ".dicom")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: file name endings :func:`read_image` dispatches on (matched case-insensitively). DICOM files
+#: without such a suffix (``IM0001``, UID-named files) are recognised by their ``DICM`` marker.
+SUPPORTED_SUFFIXES = PILLOW_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES
+
+_DICOM_MAGIC_OFFSET = 128
+_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+#: colour encodings pydicom 3 returns as RGB (YBR_FULL* via ``as_rgb``, ICT/RCT by the decoder)
+_RGB_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
+
+
+class InputError(DataError):
+    """An input image for inference cannot be used; the message names the file and the fix."""
+
+
+# ---------------------------------------------------------------------------------- dispatch
+def _suffix(path: Path) -> str:
+    """The supported suffix ``path`` ends with (lower case), or ``""``."""
+    name = path.name.lower()
+    return next(
+        (s for s in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True) if name.endswith(s)), ""
+    )
+
+
+def _has_dicom_magic(path: Path) -> bool:
+    """True when bytes 128..131 are ``DICM`` (the DICOM Part 10 file preamble marker)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_DICOM_MAGIC_OFFSET + 4)
+    except OSError:
+        return False
+    return head[_DICOM_MAGIC_OFFSET:] == b"DICM"
+
+
+def _may_be_bare_dicom(path: Path) -> bool:
+    """Names DICOM exports use without a suffix: none (``IM0001``) or a numeric UID tail.
+
+    Only these are sniffed when listing a folder, so listing never opens every file in it.
+    """
+    suffix = path.suffix
+    return path.name != "DICOMDIR" and (not suffix or suffix[1:].isdigit())
+
+
+def _supported(path: Path) -> bool:
+    return bool(_suffix(path)) or (_may_be_bare_dicom(path) and _has_dicom_magic(path))
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a PNG/JPEG/BMP/TIFF, DICOM or NIfTI file as uint8 ``(H, W)`` or ``(H, W, 3)``.
+
+    The format follows the suffix (see :data:`SUPPORTED_SUFFIXES`); a file with another suffix
+    is read as DICOM when it carries the ``DICM`` marker. See the module docstring for how
+    intensities become uint8, and :func:`_read_nifti` for the NIfTI orientation convention.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"{path}: file not found; check the path")
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not an image file; pass one image file")
+    try:
+        size = path.stat().st_size
+    except OSError as err:
+        raise InputError(f"{path}: cannot be read ({err}); check its permissions") from err
+    if size == 0:
+        raise InputError(f"{path}: the file is empty (0 bytes); re-export or re-copy it")
+    suffix = _suffix(path)
+    if suffix in PILLOW_SUFFIXES:
+        image = _read_pillow(path)
+    elif suffix in DICOM_SUFFIXES:
+        image = _read_dicom(path, force=True)
+    elif suffix in NIFTI_SUFFIXES:
+        image = _read_nifti(path)
+    elif _has_dicom_magic(path):
+        image = _read_dicom(path, force=False)
+    else:
+        raise InputError(
+            f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; supported: "
+            f"{', '.join(SUPPORTED_SUFFIXES)} (or DICOM files with the 'DICM' marker)"
+        )
+    image = np.ascontiguousarray(image)
+    if not image.flags.writeable:  # torch.from_numpy warns on read-only arrays
+        image = image.copy()
+    log.debug("%s: read %s %s", path, image.shape, image.dtype)
+    return image
+
+
+# ----------------------------------------------------------------------------- intensities
+def _minmax_to_uint8(values: np.ndarray, path: Path) -> np.ndarray:
+    """Min–max scale over the image to 0..255 (non-finite values -> 0)."""
+    a = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(a)
+    if not finite.any():
+        raise InputError(f"{path}: has no finite pixel values (all NaN/inf); check the file")
+    if not finite.all():
+        log.warning("%s: %d non-finite pixel values set to 0", path, int((~finite).sum()))
+    lo, hi = float(a[finite].min()), float(a[finite].max())
+    out = np.zeros(a.shape, dtype=np.uint8)
+    if hi == lo:
+        log.warning("%s: constant image (every pixel %g); it reads as all 0", path, lo)
+        return out
+    log.debug("%s: %s data min-max scaled from [%g, %g] to 0..255", path, values.dtype, lo, hi)
+    out[finite] = np.rint((a[finite] - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    return out
+
+
+def _range_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map a known output range [lo, hi] linearly to 0..255, clipping outside it."""
+    a = np.asarray(values, dtype=np.float64)
+    scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------- Pillow
+def _read_pillow(path: Path) -> np.ndarray:
+    """PNG/JPEG/BMP/TIFF through Pillow, EXIF orientation applied (as a viewer shows it)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            if getattr(im, "n_frames", 1) > 1:
+                raise InputError(
+                    f"{path}: has {im.n_frames} pages/frames (a stack); medlite models take 2D "
+                    "images; save the one page you want as its own file"
+                )
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _pillow_to_array(im, path)
+    except InputError:
+        raise
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad files
+        raise InputError(
+            f"{path}: not a readable {path.suffix.lstrip('.').upper()} image "
+            f"({type(err).__name__}: {err}); the file may be corrupt or truncated, re-export it"
+        ) from err
+
+
+def _pillow_to_array(im, path: Path) -> np.ndarray:
+    """One Pillow image -> uint8 (H, W) or (H, W, 3): alpha dropped, palette expanded."""
+    mode = im.mode
+    if mode == "L":
+        return np.asarray(im)
+    if mode in ("1", "LA", "La"):  # bilevel -> 0/255; gray + alpha -> gray
+        return np.asarray(im.convert("L"))
+    if mode == "RGB":
+        return np.asarray(im)
+    if mode in ("RGBA", "RGBa", "RGBX", "P", "PA"):  # transparency is dropped, not composited
+        return np.asarray(im.convert("RGBA"))[:, :, :3]
+    if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float gray
+        return _minmax_to_uint8(np.asarray(im), path)
+    log.debug("%s: Pillow mode %s converted to RGB", path, mode)
+    return np.asarray(im.convert("RGB"))
+
+
+# ----------------------------------------------------------------------------------- DICOM
+def _read_dicom(path: Path, force: bool) -> np.ndarray:
+    """A single-frame DICOM image: Modality LUT, VOI LUT/window, MONOCHROME1 inverted.
+
+    ``force`` reads files without the DICOM preamble (only when the user named a .dcm file).
+    Stored 8-bit data with no rescale and no VOI LUT/window is returned bit-exact.
+    """
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, force=force)
+    except Exception as err:
+        raise InputError(
+            f"{path}: not a readable DICOM file ({type(err).__name__}: {err}); the file may "
+            "be corrupt or not DICOM at all"
+        ) from err
+    if not any(tag in ds for tag in _PIXEL_TAGS):
+        raise InputError(
+            f"{path}: has no pixel data (not DICOM, a corrupt file, or a DICOM report/DICOMDIR "
+            "index rather than an image); pass a DICOM image file"
+        )
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        frames = 1
+    if frames > 1:
+        raise InputError(
+            f"{path}: is a 3D/multi-frame DICOM ({frames} frames); medlite models take 2D "
+            "images; extract one frame (e.g. with pydicom or dcmtk) and pass that"
+        )
+    pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    try:
+        ds.pixel_array_options(as_rgb=True)  # YBR_FULL(_422) decoded as RGB
+        arr = ds.pixel_array
+    except Exception as err:
+        meta = getattr(ds, "file_meta", None)
+        ts = meta.get("TransferSyntaxUID") if meta is not None else None
+        syntax = f"transfer syntax {ts.name}" if ts else "no transfer syntax"
+        raise InputError(
+            f"{path}: its pixel data could not be decoded ({syntax}; {type(err).__name__}: "
+            f"{err}); install the decoder pydicom asks for (e.g. pylibjpeg, pyjpegls, gdcm) "
+            "or export the image uncompressed"
+        ) from err
+
+    if pi in ("MONOCHROME1", "MONOCHROME2"):
+        if arr.ndim != 2:
+            raise InputError(f"{path}: unexpected {pi} pixel array shape {arr.shape}; re-export it")
+        image = _dicom_gray(arr, ds, path)
+        return 255 - image if pi == "MONOCHROME1" else image  # 0 = white in MONOCHROME1
+    if pi == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            rgb = apply_color_lut(arr, ds)
+        except Exception as err:  # missing or malformed palette tables
+            raise InputError(
+                f"{path}: its PALETTE COLOR lookup tables are invalid ({type(err).__name__}: "
+                f"{err}); export the image as RGB or PNG"
+            ) from err
+        if rgb.dtype == np.uint16:  # 16-bit palette entries: full-range to 8-bit
+            rgb = ((rgb.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        return rgb
+    if pi in _RGB_PHOTOMETRICS:
+        if arr.ndim != 3 or arr.shape[-1] != 3:
+            raise InputError(f"{path}: unexpected {pi} pixel array shape {arr.shape}; re-export it")
+        return arr if arr.dtype == np.uint8 else _minmax_to_uint8(arr, path)
+    raise InputError(
+        f"{path}: unsupported PhotometricInterpretation {pi or '(missing)'!r}; export it as "
+        "MONOCHROME2 or RGB (or as PNG)"
+    )
+
+
+def _dicom_gray(arr: np.ndarray, ds, path: Path) -> np.ndarray:
+    """Grayscale DICOM pixels -> uint8 (the caller inverts MONOCHROME1)."""
+    from pydicom.pixels import apply_modality_lut
+
+    try:
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    except (TypeError, ValueError):
+        slope, intercept = 1.0, 0.0
+    identity = "ModalityLUTSequence" not in ds and slope == 1.0 and intercept == 0.0
+    voi_lut = _valid_voi_lut(ds)
+    window = "WindowCenter" in ds and "WindowWidth" in ds
+    stored_8bit = arr.dtype == np.uint8 and int(ds.get("BitsStored", 8) or 8) == 8
+    if stored_8bit and identity and not (voi_lut or window):
+        return arr
+    try:
+        values = apply_modality_lut(arr, ds)
+        if voi_lut:
+            return _apply_voi_lut_sequence(values, ds)
+        if window:
+            from pydicom.pixels import apply_windowing
+
+            lo, hi = apply_windowing(np.array([-np.inf, np.inf]), ds)  # the window's output range
+            log.debug("%s: window applied, output range [%g, %g]", path, lo, hi)
+            return _range_to_uint8(apply_windowing(values, ds), float(lo), float(hi))
+    except InputError:
+        raise
+    except Exception as err:  # malformed LUT / window attributes
+        raise InputError(
+            f"{path}: its Modality LUT / VOI LUT / window attributes are invalid "
+            f"({type(err).__name__}: {err}); fix or remove them, or export the image as PNG"
+        ) from err
+    return _minmax_to_uint8(values, path)
+
+
+def _valid_voi_lut(ds) -> bool:
+    seq = ds.get("VOILUTSequence")
+    return bool(seq) and "LUTDescriptor" in seq[0] and "LUTData" in seq[0]
+
+
+def _apply_voi_lut_sequence(values: np.ndarray, ds) -> np.ndarray:
+    """First VOI LUT, its own entry range mapped to 0..255.
+
+    Input values are rounded and clipped to the LUT's domain first: pydicom's lookup wants
+    integers and wraps values beyond 2**16 above the first mapped value.
+    """
+    from pydicom.pixels import apply_voi
+
+    n, first, _ = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor)
+    n = n or 2**16
+    domain = np.arange(first, first + n, dtype=np.int64)
+    table = apply_voi(domain, ds)
+    idx = np.clip(np.rint(np.asarray(values, dtype=np.float64)), first, first + n - 1)
+    out = apply_voi(idx.astype(np.int64), ds)
+    return _range_to_uint8(out, float(table.min()), float(table.max()))
+
+
+# ----------------------------------------------------------------------------------- NIfTI
+def _read_nifti(path: Path) -> np.ndarray:
+    """A 2D NIfTI image; the data array is ``(x, y)`` and comes back as ``(rows, cols) = (y, x)``.
+
+    Convention: voxel ``data[i, j]`` becomes pixel ``image[j, i]`` (a plain transpose; the affine
+    and any flips it implies are ignored). So an ``(H, W)`` image saved as
+    ``nib.save(nib.Nifti1Image(image.T, np.eye(4)), "x.nii.gz")`` reads back identical, and a
+    slice saved by most tools (x along the width) keeps its width along the columns. Trailing axes
+    of length 1 are dropped: ``(X, Y)``, ``(X, Y, 1)`` and ``(X, Y, 1, 1)`` are all 2D.
+    """
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+        shape = tuple(int(s) for s in img.shape)
+    except Exception as err:
+        raise InputError(
+            f"{path}: not a readable NIfTI file ({type(err).__name__}: {err}); the file may "
+            "be corrupt or truncated, re-export it"
+        ) from err
+    if len(shape) < 2 or any(s != 1 for s in shape[2:]):
+        raise InputError(
+            f"{path}: has shape {shape}, a 3D volume (or a series); medlite models take 2D "
+            "images; save the one slice you want as a 2D NIfTI (shape (X, Y)) or as PNG"
+        )
+    try:
+        data = np.asanyarray(img.dataobj)  # applies scl_slope / scl_inter when set
+    except Exception as err:
+        raise InputError(
+            f"{path}: its voxel data could not be read ({type(err).__name__}: {err}); the "
+            "file may be truncated, re-export it"
+        ) from err
+    if data.dtype.names or not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
+        raise InputError(
+            f"{path}: voxel type {data.dtype} (e.g. RGB NIfTI) is not supported; save the image "
+            "as grayscale NIfTI or as PNG"
+        )
+    image = data.reshape(shape[:2]).T
+    return image if image.dtype == np.uint8 else _minmax_to_uint8(image, path)
+
+
+# -------------------------------------------------------------------------------- channels
+def conform_channels(image: np.ndarray, in_chans: int, path: str | os.PathLike) -> np.ndarray:
+    """Match an image from :func:`read_image` to a model's ``in_chans`` (1 or 3).
+
+    Grayscale ``(H, W)`` is returned unchanged for either: when ``in_chans`` is 3 the training
+    preprocessing (``Preprocess`` with ``as_rgb``) repeats it to RGB itself. An RGB image whose
+    three channels are equal (a grayscale image saved as RGB) becomes one channel; a real colour
+    image for a grayscale model is an error rather than a silent, lossy conversion.
+    """
+    if in_chans not in (1, 3):
+        raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
+    if image.ndim == 2:
+        return image
+    channels = image.shape[2] if image.ndim == 3 else None
+    if channels == 1:
+        return image[:, :, 0]
+    if channels != 3:
+        raise InputError(
+            f"{path}: image shape {image.shape} is neither grayscale nor RGB; medlite models "
+            "take (H, W) grayscale or (H, W, 3) RGB images; convert it to one of those"
+        )
+    if in_chans == 3:
+        return image
+    if np.array_equal(image[:, :, 0], image[:, :, 1]) and np.array_equal(
+        image[:, :, 0], image[:, :, 2]
+    ):
+        log.debug("%s: RGB with equal channels read as grayscale", path)
+        return np.ascontiguousarray(image[:, :, 0])
+    raise InputError(
+        f"{path}: is a colour image but the model was trained on grayscale (1-channel) images; "
+        "convert it to grayscale deliberately (the way the training images were made) and pass "
+        "that file"
+    )
+
+
+# --------------------------------------------------------------------------------- listing
+def list_inputs(path: str | os.PathLike) -> list[Path]:
+    """The image files to predict on: a file as given, or a folder's supported files.
+
+    A folder is searched recursively, hidden files and folders (names starting with ".") are
+    skipped, and the result is sorted so runs are reproducible.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise InputError(f"{path}: not found; pass an image file or a folder of images")
+    if not path.is_dir():
+        return [path]
+    found: list[Path] = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        for name in files:
+            file = Path(root) / name
+            if not name.startswith(".") and file.is_file() and _supported(file):
+                found.append(file)
+    if not found:
+        raise InputError(
+            f"{path}: no supported images in this folder (searched recursively); supported: "
+            f"{', '.join(SUPPORTED_SUFFIXES)} (or DICOM files with the 'DICM' marker)"
+        )
+    log.debug("%s: %d input files", path, len(found))
+    return sorted(found)

@@ -1,0 +1,147 @@
+"""Export of a trained run: every format checked against PyTorch on the real test split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medlite.deploy import export as export_mod
+from medlite.deploy.export import ExportError, ExportSettings, _torch_export, export_run
+from medlite.deploy.onnx import OnnxExportError, OrtModel, export_onnx, onnx_weight_dtypes
+from medlite.deploy.run_dir import TrainedRun
+from medlite.errors import ConfigError
+from tests.helpers import model_and_context
+
+
+def _export(run_dir: Path) -> dict:
+    return json.loads((run_dir / "export" / "export.json").read_text())
+
+
+def test_train_with_export_writes_checked_formats(exported_run: Path):
+    rec = _export(exported_run)
+    results = json.loads((exported_run / "results.json").read_text())
+    assert rec["status"] == "ok" and rec["problems"] == []
+    assert rec["n_test_images"] == 156  # the whole official BreastMNIST test split
+    # the reference pass is the trained model itself: same metrics as training's test
+    assert rec["reference"]["test"]["auc"] == pytest.approx(results["test"]["auc"], abs=1e-6)
+    fmts = rec["formats"]
+    assert set(fmts) == {"onnx_fp32", "onnx_int8", "torch_export"}
+    for name in ("onnx_fp32", "torch_export"):
+        assert fmts[name]["parity"]["max_abs_diff"] < 1e-4
+        assert fmts[name]["parity"]["label_agreement"] == 1.0
+        assert fmts[name]["test"]["auc"] == pytest.approx(rec["reference"]["test"]["auc"], abs=1e-6)
+    int8 = fmts["onnx_int8"]
+    # the issue's bar: int8 within one AUC point of fp32 on BreastMNIST
+    assert abs(int8["test"]["auc"] - fmts["onnx_fp32"]["test"]["auc"]) <= 0.01
+    counts = onnx_weight_dtypes(int8["path"])
+    assert counts.get("int8", 0) > 0.9 * sum(counts.values())
+    assert int8["size_mb"] < 0.5 * fmts["onnx_fp32"]["size_mb"]
+    for name, entry in fmts.items():
+        assert Path(entry["path"]).is_file(), name
+
+
+def test_exported_files_run_on_their_own(exported_run: Path, shared_data: Path):
+    """The files alone (no medlite model code) give the logits the run's model gives."""
+    run = TrainedRun.load(exported_run)
+    model = run.torch_model()
+    test = np.load(shared_data / "breastmnist.npz")["test_images"][:5]
+    x = torch.stack([run.preprocess(img) for img in test])
+    with torch.no_grad():
+        ref = model(x)
+    ort = OrtModel(run.export_dir / "model.onnx")
+    assert torch.allclose(ort(x), ref, atol=1e-4)
+    program = torch.export.load(str(run.export_dir / "model.pt2")).module()
+    assert torch.allclose(program(x), ref, atol=1e-5)
+
+
+def test_model_card_is_complete(exported_run: Path):
+    card = json.loads((exported_run / "model_card.json").read_text())
+    assert card["task"]["classes"] == ["malignant", "normal, benign"]
+    assert card["input"]["shape"] == [1, 28, 28] and card["input"]["mean"] == [0.5]
+    assert {"sensitivity", "specificity", "auc", "acc"} <= set(card["metrics"]["test"])
+    assert set(card["metrics"]["test_by_runtime"]) == {
+        "pytorch",
+        "onnx_fp32",
+        "onnx_int8",
+        "torch_export",
+    }
+    assert card["export"]["formats"]["onnx_int8"]["parity"]["ok"] is True
+    assert card["versions"]["onnxruntime"] and card["versions"]["torch"]
+    md = (exported_run / "model_card.md").read_text()
+    for heading in ("Intended use and limitations", "Input specification", "Export parity"):
+        assert f"## {heading}" in md
+    assert "not a medical device" in md
+    roc = exported_run / "export" / "roc.png"
+    assert roc.read_bytes()[:4] == b"\x89PNG"
+    assert "](export/roc.png)" in md
+
+
+def test_parity_failure_is_loud_and_keeps_the_record(exported_run: Path, tmp_path, monkeypatch):
+    """An exported model that drifts from PyTorch fails the export, after writing export.json."""
+    run_dir = tmp_path / "copy"
+    import shutil
+
+    shutil.copytree(exported_run, run_dir, ignore=shutil.ignore_patterns("export"))
+
+    class Drifting(OrtModel):
+        def forward(self, x):
+            return super().forward(x) + 0.05
+
+    monkeypatch.setattr(export_mod, "OrtModel", Drifting)
+    with pytest.raises(ExportError, match="onnx_fp32: logits differ"):
+        export_run(run_dir, ExportSettings(formats=["onnx_fp32"]))
+    rec = _export(run_dir)
+    assert rec["status"] == "failed"
+    assert rec["formats"]["onnx_fp32"]["parity"]["max_abs_diff"] == pytest.approx(0.05, abs=1e-3)
+
+
+def test_unexportable_model_is_reported_and_other_formats_still_export(
+    exported_run: Path, tmp_path, monkeypatch
+):
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(exported_run, run_dir, ignore=shutil.ignore_patterns("export"))
+
+    def refuse(*args, **kwargs):
+        raise OnnxExportError("cannot export LiteCNN to ONNX (dynamo exporter: custom op)")
+
+    monkeypatch.setattr(export_mod, "export_onnx", refuse)
+    with pytest.raises(ExportError, match="custom op"):
+        export_run(run_dir, ExportSettings(formats=["onnx_fp32", "torch_export"]))
+    rec = _export(run_dir)
+    assert "error" in rec["formats"]["onnx_fp32"]
+    assert rec["formats"]["torch_export"]["parity"]["ok"] is True
+    assert (run_dir / "export" / "model.pt2").is_file()
+
+
+def test_bad_settings_and_runs_are_clear_errors(tmp_path):
+    with pytest.raises(ConfigError, match="subset"):
+        ExportSettings(formats=["tflite"])
+    with pytest.raises(ConfigError, match="not a medlite run directory"):
+        TrainedRun.load(tmp_path)
+    (tmp_path / "results.json").write_text(json.dumps({"status": "failed", "error": "NaN loss"}))
+    with pytest.raises(ConfigError, match="did not finish.*NaN loss"):
+        TrainedRun.load(tmp_path)
+
+
+@pytest.mark.parametrize("model", ["litecnn", "mobilevit", "efficientvit", "vim"], ids=lambda m: m)
+def test_every_paradigm_exports_with_parity(model, tmp_path, shared_data, one_thread):
+    """One model per paradigm (CNN, Transformer, linear attention, state space) exports to ONNX
+    and torch.export, and matches PyTorch on real test images."""
+    net, ctx = model_and_context(
+        tmp_path, [f"model={model}", "data=breastmnist", f"paths.data_dir={shared_data}"], seed=0
+    )
+    net.eval()
+    x, _ = next(iter(ctx.datamodule.test_dataloader()))
+    x = x[:16]
+    with torch.no_grad():
+        ref = net(x)
+    path = export_onnx(net, x[:2], tmp_path / "m.onnx")
+    assert torch.allclose(OrtModel(path)(x), ref, atol=1e-3 * max(1.0, ref.abs().max().item()))
+    program = _torch_export(net, x[:2], tmp_path / "m.pt2")
+    assert torch.allclose(program(x), ref, atol=1e-4)

@@ -1,0 +1,145 @@
+"""predict.py on real BreastMNIST test images written as PNG, DICOM and NIfTI files."""
+
+from __future__ import annotations
+
+import csv
+import socket
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from medlite.deploy.commands import main_predict
+from medlite.deploy.onnx import OrtModel
+from medlite.deploy.predict import Predictor
+from medlite.deploy.run_dir import TrainedRun
+
+N = 6
+
+
+def _write_dicom(img: np.ndarray, path: Path) -> None:
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    ds.Modality = "US"
+    ds.Rows, ds.Columns = img.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = np.ascontiguousarray(img).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+@pytest.fixture(scope="module")
+def test_images(shared_data: Path) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(shared_data / "breastmnist.npz") as f:
+        return f["test_images"][:N], f["test_labels"][:N]
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path, test_images) -> Path:
+    images, _ = test_images
+    folder = tmp_path / "patient_images"
+    (folder / "dicom").mkdir(parents=True)
+    for i, img in enumerate(images):
+        if i % 3 == 0:
+            Image.fromarray(img).save(folder / f"img{i}.png")
+        elif i % 3 == 1:
+            _write_dicom(img, folder / "dicom" / f"img{i}.dcm")
+        else:
+            nib.save(nib.Nifti1Image(img.T, np.eye(4)), folder / f"img{i}.nii.gz")
+    return folder
+
+
+def _own_logits(model, run: TrainedRun, images: np.ndarray) -> torch.Tensor:
+    """What the run's own evaluation path gives: the training transform, then the model."""
+    x = torch.stack([run.preprocess(img) for img in images])
+    with torch.no_grad():
+        return model(x)
+
+
+def _index(path: Path) -> int:
+    return int(path.name.split(".")[0].removeprefix("img"))
+
+
+@pytest.mark.parametrize("runtime", ["pytorch", "onnx_int8"])
+def test_predictions_match_the_models_own(exported_run, image_folder, test_images, runtime):
+    run = TrainedRun.load(exported_run)
+    predictor = Predictor(run, runtime=runtime)
+    rows = predictor.predict(image_folder)
+    assert len(rows) == N and all(r.ok for r in rows), [r.error for r in rows]
+    model = (
+        run.torch_model() if runtime == "pytorch" else OrtModel(run.export_dir / "model_int8.onnx")
+    )
+    want = torch.softmax(_own_logits(model, run, test_images[0]), dim=-1).numpy()
+    for r in rows:
+        got = np.array([r.probabilities[lab] for lab in run.task.labels])
+        np.testing.assert_allclose(got, want[_index(r.path)], atol=1e-5)
+        assert r.predicted == [run.task.labels[int(want[_index(r.path)].argmax())]]
+        assert r.original_shape == (28, 28)
+
+
+def test_auto_runtime_uses_the_checked_int8_file(exported_run):
+    assert Predictor(exported_run).runtime == "onnx_int8"
+
+
+def test_bad_inputs_are_reported_and_the_rest_still_runs(
+    exported_run, image_folder, capsys, tmp_path
+):
+    (image_folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    nib.save(
+        nib.Nifti1Image(np.zeros((28, 28, 9), np.uint8), np.eye(4)), image_folder / "ct.nii.gz"
+    )
+    colour = np.stack([np.zeros((28, 28)), np.full((28, 28), 120), np.full((28, 28), 255)], -1)
+    Image.fromarray(colour.astype(np.uint8)).save(image_folder / "photo.png")
+    out = tmp_path / "preds.csv"
+    code = main_predict([f"run={exported_run}", f"input={image_folder}", f"out={out}"])
+    printed = capsys.readouterr().out
+    assert code == 1  # some files failed
+    assert f"{N} of {N + 3} file(s) predicted" in " ".join(printed.split())
+    with out.open() as f:
+        rows = {Path(r["file"]).name: r for r in csv.DictReader(f)}
+    assert len(rows) == N + 3
+    assert "3D" in rows["ct.nii.gz"]["error"] and "(28, 28, 9)" in rows["ct.nii.gz"]["error"]
+    assert "colour" in rows["photo.png"]["error"] or "color" in rows["photo.png"]["error"]
+    assert rows["broken.png"]["error"]
+    ok = [r for r in rows.values() if not r["error"]]
+    for r in ok:
+        assert float(r["p(malignant)"]) + float(r["p(normal, benign)"]) == pytest.approx(
+            1, abs=1e-5
+        )
+
+
+def test_single_file_and_cli_errors(exported_run, image_folder, capsys):
+    assert main_predict([f"run={exported_run}", f"input={image_folder / 'img0.png'}"]) == 0
+    assert "1 of 1 file(s) predicted" in capsys.readouterr().out
+    assert main_predict([f"run={exported_run}", "input=/no/such/folder"]) == 1
+    assert "/no/such/folder: not found" in capsys.readouterr().err
+    assert main_predict([f"run={exported_run}"]) == 1
+    assert "missing argument(s): input=..." in capsys.readouterr().err
+    assert main_predict([f"run={exported_run}", f"input={image_folder}", "runtime=tpu"]) == 1
+    assert "runtime must be one of" in capsys.readouterr().err
+
+
+def test_prediction_never_touches_the_network(exported_run, image_folder, monkeypatch):
+    """Patient images stay local: any attempt to open a connection fails the test."""
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("predict tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    rows = Predictor(exported_run).predict(image_folder)
+    assert all(r.ok for r in rows)
