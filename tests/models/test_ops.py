@@ -303,3 +303,197 @@ def test_fast_scan_matches_mamba_ssm_on_cuda(bc):
     assert _max_err(y_fast, y_mamba) <= 1e-3
     for name in g_mamba:
         assert _max_err(g_fast[name], g_mamba[name]) <= 1e-3, name
+
+
+# --------------------------------------------------------------------------------------------
+# Export path: standard tensor ops only, no Python arithmetic on the batch size
+# --------------------------------------------------------------------------------------------
+
+wkv_module = importlib.import_module("medlite.models.ops.wkv")
+BATCH = torch.export.Dim("batch", min=1)
+
+
+def _assert_export_scan_close(inputs, opts, tol=TOL):
+    y_ref, g_ref = _run_scan(selective_scan_ref, inputs, opts)
+    y_exp, g_exp = _run_scan(selective_scan, inputs, opts, backend="export")
+    assert y_exp.shape == y_ref.shape
+    assert _max_err(y_exp, y_ref) <= tol
+    for name in g_ref:
+        assert _max_err(g_exp[name], g_ref[name]) <= tol, name
+
+
+@pytest.mark.parametrize("length", [2, 3, 7, 49, 50, 65, 200])
+@pytest.mark.parametrize("bc", ["var", "group", "invariant", "mixed"])
+def test_export_scan_matches_ref_all_options(length, bc):
+    _assert_export_scan_close(_scan_inputs(2, 4, 3, length, bc), ALL_OPTS)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [{}, {"D": True}, {"z": True}, {"delta_bias": True}, {"softplus": True}],
+    ids=["plain", "D", "z", "bias", "softplus"],
+)
+def test_export_scan_matches_ref_option_subsets(opts):
+    inputs = _scan_inputs(2, 4, 3, 37, "group", seed=37)
+    if not opts.get("softplus"):  # keep delta >= 0 as Mamba's discretisation assumes
+        inputs["delta"] = inputs["delta"].abs()
+        inputs["delta_bias"] = inputs["delta_bias"].abs()
+    _assert_export_scan_close(inputs, opts)
+
+
+@pytest.mark.parametrize("length", [0, 1, 45])
+def test_export_scan_last_state_and_tiny_lengths(length):
+    inputs = _scan_inputs(2, 4, 3, length, "var")
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    y_ref, h_ref = selective_scan_ref(*args, True, True)
+    y, h = selective_scan(*args, True, True, backend="export")
+    assert y.shape == (2, 4, length) and h.shape == (2, 4, 3)
+    assert _max_err(y, y_ref) <= TOL and _max_err(h, h_ref) <= TOL
+
+
+def test_export_scan_long_sequence_stability():
+    """L = 3136, A down to -60 here, steps up to ~8: the log-decay summed over the sequence
+    reaches -6e5, so a factorised exp(-cumsum) form would overflow; every exp here is <= 0."""
+    g = torch.Generator().manual_seed(0)
+    b, d, n, length = 2, 2, 4, 3136
+    u = torch.randn(b, d, length, generator=g)
+    delta = torch.rand(b, d, length, generator=g) * 10 - 2
+    A = -torch.exp(torch.rand(d, n, generator=g) * 5)
+    B, C = torch.randn(b, n, length, generator=g), torch.randn(b, n, length, generator=g)
+    log_decay = (torch.nn.functional.softplus(delta)[:, :, None] * A[..., None]).cumsum(-1)
+    assert torch.isinf(torch.exp(-log_decay)).any()  # what a naive cumsum-exp would meet
+    leaves = [t.requires_grad_(True) for t in (u, delta, A, B, C)]
+    y, h = selective_scan(*leaves, delta_softplus=True, return_last_state=True, backend="export")
+    assert torch.isfinite(y).all()
+    grads = torch.autograd.grad(y.sum(), leaves)
+    assert all(torch.isfinite(g_).all() for g_ in grads)
+    with torch.no_grad():
+        y_ref, h_ref = selective_scan_ref(
+            u, delta, A, B, C, delta_softplus=True, return_last_state=True
+        )
+    assert _max_err(y, y_ref) <= TOL and _max_err(h, h_ref) <= TOL
+
+
+def test_export_scan_dtype_and_autocast():
+    inputs = _scan_inputs(2, 4, 3, 30, "group", dtype=torch.bfloat16)
+    args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
+    y = selective_scan(*args, True, backend="export")
+    assert y.dtype == torch.bfloat16
+    y32 = selective_scan(*[a.float() for a in args], True, backend="export")
+    assert torch.equal(y, y32.to(torch.bfloat16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_auto = selective_scan(*[a.float() for a in args], True, backend="export")
+    assert y_auto.dtype == torch.float32 and torch.equal(y_auto, y32)
+
+
+@pytest.mark.parametrize("length", [1, 2, 7, 49, 50, 100])
+@pytest.mark.parametrize(
+    "w_scale, k_scale",
+    [(1.0, 1.0), (0.05, 30.0), (8.0, 30.0), (-0.02, 10.0), (-1.0, 10.0)],
+    ids=["mild", "large_k", "fast_decay", "negative_w", "strongly_negative_w"],
+)
+def test_wkv_export_matches_ref(length, w_scale, k_scale):
+    tensors = _wkv_case(2, length, 5, w_scale, k_scale, seed=length)
+    y_ref, g_ref = _run_wkv(wkv_bidirectional_ref, tensors)
+    y_exp, g_exp = _run_wkv(lambda *t: wkv_bidirectional(*t, backend="export"), tensors)
+    assert torch.isfinite(y_exp).all()
+    assert _max_err(y_exp, y_ref) <= TOL
+    for name, a, b in zip("wukv", g_exp, g_ref, strict=True):
+        assert torch.isfinite(a).all() and _max_err(a, b) <= TOL, name
+
+
+def test_wkv_export_long_sequence_no_overflow():
+    """T = 3136 with keys up to 300: exp(k) alone overflows fp32; the chunk maxima keep every
+    exp at <= 0. Also bf16 in, bf16 out."""
+    w, u, k, v = _wkv_case(1, 3136, 4, 0.01, 300.0, seed=0)
+    assert torch.isinf(torch.exp(k)).any()
+    y = wkv_bidirectional(w, u, k, v, backend="export")
+    assert torch.isfinite(y).all()
+    assert _max_err(y, wkv_bidirectional_ref(w, u, k, v)) <= TOL
+    y16 = wkv_bidirectional(w, u, k.bfloat16(), v.bfloat16(), backend="export")
+    assert y16.dtype == torch.bfloat16 and torch.isfinite(y16.float()).all()
+    assert wkv_bidirectional(w, u, k[:, :0], v[:, :0], backend="export").shape == (1, 0, 4)
+
+
+class _ScanModule(torch.nn.Module):
+    """selective_scan with Vim's call pattern (grouped B/C, bias + softplus, D skip)."""
+
+    def __init__(self):
+        super().__init__()
+        inputs = _scan_inputs(1, 4, 3, 1, "group")
+        self.A, self.D, self.bias = inputs["A"], inputs["D"], inputs["delta_bias"]
+
+    def forward(self, u, delta, B, C, scan=selective_scan):
+        return scan(u, delta, self.A, B, C, self.D, delta_bias=self.bias, delta_softplus=True)
+
+    def reference(self, *args):
+        return self.forward(*args, scan=selective_scan_ref)
+
+    @staticmethod
+    def example(batch, length=23):
+        inputs = _scan_inputs(batch, 4, 3, length, "group", seed=batch)
+        return tuple(inputs[k] for k in ("u", "delta", "B", "C"))
+
+
+class _WkvModule(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w, self.u, _, _ = _wkv_case(1, 1, 5, 1.0, 1.0, seed=2)
+
+    def forward(self, k, v):
+        return wkv_bidirectional(self.w, self.u, k, v)
+
+    def reference(self, k, v):
+        return wkv_bidirectional_ref(self.w, self.u, k, v)
+
+    @staticmethod
+    def example(batch, length=23):
+        return _wkv_case(batch, length, 5, 1.0, 5.0, seed=batch)[2:]
+
+
+@pytest.fixture
+def no_fast_paths(monkeypatch):
+    """Fail if the fast paths run (they cannot trace a symbolic batch)."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a fast path ran while exporting")
+
+    monkeypatch.setattr(ss_module, "_selective_scan_fast", fail)
+    monkeypatch.setattr(wkv_module, "_scan_time_major", fail)
+
+
+def test_eager_calls_use_the_fast_paths(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the export path ran in eager mode")
+
+    monkeypatch.setattr(ss_module, "_selective_scan_export", fail)
+    monkeypatch.setattr(wkv_module, "_wkv_export", fail)
+    assert not ss_module.tracing_for_export(torch.ones(2, 3))
+    for module in (_ScanModule(), _WkvModule()):
+        args = module.example(2)
+        assert _max_err(module(*args), module.reference(*args)) <= TOL
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non_strict", "strict"])
+@pytest.mark.parametrize("module_cls", [_ScanModule, _WkvModule], ids=["scan", "wkv"])
+def test_ops_torch_export_with_dynamic_batch(module_cls, strict, no_fast_paths):
+    module = module_cls()
+    args = module.example(2)
+    dynamic = tuple({0: BATCH} for _ in args)
+    program = torch.export.export(module, args, dynamic_shapes=dynamic, strict=strict)
+    for batch in (1, 3):
+        args = module.example(batch)
+        assert _max_err(program.module()(*args), module.reference(*args)) <= TOL
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
+@pytest.mark.parametrize("module_cls", [_ScanModule, _WkvModule], ids=["scan", "wkv"])
+def test_ops_jit_trace_bakes_in_no_batch_size(module_cls, no_fast_paths):
+    """The legacy ONNX exporter traces with torch.jit: a batch size baked into the trace would
+    show up as an error or a wrong result at another batch size."""
+    module = module_cls()
+    with torch.no_grad():
+        traced = torch.jit.trace(module, module.example(2), check_trace=False)
+    for batch in (1, 3):
+        args = module.example(batch)
+        assert _max_err(traced(*args), module.reference(*args)) <= TOL

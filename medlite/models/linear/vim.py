@@ -110,8 +110,8 @@ class MultiScanSSM(nn.Module):
         dts, bs, cs = torch.split(proj, [r, n, n], dim=2)
         dts = torch.einsum("bkrl,kdr->bkdl", dts, self.dt_proj_weight)
         ys = selective_scan(
-            xs.reshape(b, k * d, length),
-            dts.reshape(b, k * d, length),
+            xs.flatten(1, 2),  # (b, K*d, L); no batch size baked into a traced graph
+            dts.flatten(1, 2),
             -torch.exp(self.A_log.float()),
             bs.contiguous(),  # (b, K, N, L): group k drives channels k*d .. (k+1)*d - 1
             cs.contiguous(),
@@ -120,7 +120,7 @@ class MultiScanSSM(nn.Module):
             delta_softplus=True,
         )
         efficiency.add_macs(scan_macs(b, k * d, length, n))
-        return ys.reshape(b, k, d, length)
+        return ys.unflatten(1, (k, d))
 
 
 class BiMambaMixer(nn.Module):

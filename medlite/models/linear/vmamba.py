@@ -106,8 +106,8 @@ class ConvBranch(nn.Module):
 
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """Interleave the channels of ``groups`` equal groups (channel-last)."""
-    *lead, c = x.shape
-    return x.reshape(*lead, groups, c // groups).transpose(-1, -2).reshape(*lead, c)
+    c = x.shape[-1]
+    return x.unflatten(-1, (groups, c // groups)).transpose(-1, -2).flatten(-2)
 
 
 class SSConvBlock(nn.Module):

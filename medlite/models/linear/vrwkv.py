@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
@@ -49,20 +50,16 @@ def q_shift(x: torch.Tensor, grid: tuple[int, int], shift: int = 1) -> torch.Ten
     """Quad-directional token shift: each quarter of the channels takes the token ``shift``
     steps to the left, right, above and below on the 2D grid (zeros past the border); any
     remaining channels are unshifted. (batch, T, C) -> (batch, T, C)."""
-    b, t, c = x.shape
-    h, w = grid
-    g = c // 4
-    m = x.transpose(1, 2).reshape(b, c, h, w)
-    zero_w = m.new_zeros(b, g, h, shift)
-    zero_h = m.new_zeros(b, g, shift, w)
+    g = x.shape[2] // 4
+    m = x.transpose(1, 2).unflatten(2, grid)  # (batch, C, H, W); no batch size baked in a trace
     parts = [
-        torch.cat([zero_w, m[:, 0:g, :, :-shift]], dim=3),  # from the left neighbour
-        torch.cat([m[:, g : 2 * g, :, shift:], zero_w], dim=3),  # from the right
-        torch.cat([zero_h, m[:, 2 * g : 3 * g, :-shift, :]], dim=2),  # from above
-        torch.cat([m[:, 3 * g : 4 * g, shift:, :], zero_h], dim=2),  # from below
+        F.pad(m[:, 0:g, :, :-shift], (shift, 0)),  # from the left neighbour
+        F.pad(m[:, g : 2 * g, :, shift:], (0, shift)),  # from the right
+        F.pad(m[:, 2 * g : 3 * g, :-shift, :], (0, 0, shift, 0)),  # from above
+        F.pad(m[:, 3 * g : 4 * g, shift:, :], (0, 0, 0, shift)),  # from below
         m[:, 4 * g :],
     ]
-    return torch.cat(parts, dim=1).reshape(b, c, t).transpose(1, 2)
+    return torch.cat(parts, dim=1).flatten(2).transpose(1, 2)
 
 
 def _ramp(channels: int) -> torch.Tensor:

@@ -27,6 +27,16 @@ underflow to 0, which is their correct value in fp32. Gradients come from a hand
 backward that recomputes the states block by block (as mamba's kernel does) and runs the
 adjoint recurrence backwards in time with the same chunking, so memory stays at the size of
 the inputs plus one block, not (batch, D, N, L).
+
+The export path (``backend="export"``, chosen automatically while a graph is exported or traced,
+see :func:`tracing_for_export`) computes the same scan from standard tensor ops only: the fast
+path's block plan is Python arithmetic on the batch size, which a symbolic batch dimension
+breaks. Time is cut into about ``sqrt(L)`` chunks of about ``sqrt(L)`` steps (from L alone,
+static for a fixed image size); a loop over the steps of a chunk advances all chunks at once
+from a zero state, a loop over the chunks carries the state from chunk to chunk, and each step
+then gets the state it entered its chunk with, decayed by ``exp`` of a (non-positive) cumulative
+sum of log-decays. That is O(L) work in about ``4 sqrt(L)`` graph nodes, and as overflow-free as
+the fast path. Gradients come from autograd.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from collections.abc import Iterator
 
 import torch
@@ -44,7 +55,7 @@ from medlite.errors import MedliteError
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "fast", "ref", "mamba_ssm")
+BACKENDS = ("auto", "fast", "ref", "mamba_ssm", "export")
 
 # Target elements of one block's state tensor (batch * D * N * block_length): ~4 MB of fp32,
 # large enough that each op amortises its overhead, small enough to stay in cache.
@@ -64,6 +75,24 @@ def mamba_ssm_available() -> bool:
         log.debug("mamba_ssm is not usable: %s", exc)
         return False
     return True
+
+
+def tracing_for_export(x: torch.Tensor) -> bool:
+    """True while a graph is being captured for export, when the ops must avoid their fast paths.
+
+    The fast paths plan their blocks with Python arithmetic on the batch size, which fails on
+    (or would bake in) a symbolic batch. Set in torch 2.14: ``torch.compiler.is_exporting()``
+    under ``torch.export`` (strict or not) and the dynamo ONNX exporter built on it;
+    ``torch.jit.is_tracing()`` under the legacy ONNX exporter and ``torch.jit.trace``;
+    ``torch.onnx.is_in_onnx_export()`` under both ONNX exporters; a symbolic dimension of ``x``
+    under any symbolic tracing (e.g. ``torch.compile(dynamic=True)``). About 2 us when false.
+    """
+    return (
+        torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+        or any(isinstance(s, torch.SymInt) for s in x.shape)
+    )
 
 
 @contextlib.contextmanager
@@ -113,21 +142,29 @@ def selective_scan(
             fast and mamba_ssm paths it carries no gradient.
         backend: ``"auto"`` (mamba_ssm's kernel for CUDA tensors when it imports, else
             ``"fast"``), ``"fast"`` (blocked chunked scan in PyTorch, CPU or GPU), ``"ref"``
-            (sequential loop) or ``"mamba_ssm"`` (needs ``pip install "medlite[mamba]"``).
+            (sequential loop), ``"mamba_ssm"`` (needs ``pip install "medlite[mamba]"``) or
+            ``"export"`` (standard tensor ops only, traceable with a dynamic batch). While a
+            graph is exported or traced (:func:`tracing_for_export`), ``"auto"`` and ``"fast"``
+            run ``"export"``.
         chunk_size: time steps per chunk of the fast path (tuning knob; 8-32 is best on CPU).
+            The export path picks its own chunking from L.
 
     Returns:
         (batch, D, L) in ``u``'s dtype, computed in fp32 (autocast disabled inside).
     """
     if backend not in BACKENDS:
         raise ValueError(f"selective_scan backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
+    if backend in ("auto", "fast") and tracing_for_export(u):
+        backend = "export"
+    elif backend == "auto":
         backend = "mamba_ssm" if u.is_cuda and mamba_ssm_available() else "fast"
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if backend == "mamba_ssm":
         return _selective_scan_mamba(*args)
     if backend == "ref":
         return selective_scan_ref(*args)
+    if backend == "export":
+        return _selective_scan_export(*args)
     return _selective_scan_fast(*args, chunk_size=chunk_size)
 
 
@@ -512,3 +549,91 @@ def _block_states(plan, dblk, dublk, A, Bl, t0, start, a, h, p) -> None:
     h_c, p_c = h3.unbind(0), p3.unbind(0)
     for j in range(1, k):  # add the decayed end state of the (already complete) chunk j-1
         h_c[j].addcmul_(p_c[j], h_c[j - 1][q - 1])
+
+
+# --------------------------------------------------------------------------------------------
+# Export path
+# --------------------------------------------------------------------------------------------
+
+
+def export_chunking(length: int) -> tuple[int, int]:
+    """(chunk length, number of chunks) of the export paths, about ``sqrt(L)`` each.
+
+    That keeps the scan's two Python loops (over the steps of a chunk, over the chunks), hence
+    the graph, at O(sqrt(L)) ops, and balances the WKV's (chunk x chunk) work inside chunks
+    against its (chunks x chunks) work between them. The padding (< one chunk) is never a whole
+    chunk. Depends on L only, never on the batch size.
+    """
+    chunk = math.isqrt(length - 1) + 1 if length > 0 else 1
+    return chunk, -(-length // chunk)
+
+
+def _per_channel_export(m: torch.Tensor, dim: int) -> torch.Tensor:
+    """B or C broadcastable to (batch, D, N, L) without naming the batch size: (D, N, 1),
+    (batch, 1, N, L), or (batch, D, N, L) for G > 1 groups (each repeated D // G times)."""
+    if m.dim() == 2:
+        return m.unsqueeze(-1)
+    if m.dim() == 3:
+        return m.unsqueeze(1)
+    if m.shape[1] == 1:
+        return m
+    return m.unsqueeze(2).expand(-1, -1, dim // m.shape[1], -1, -1).flatten(1, 2)
+
+
+def _to_chunks(x: torch.Tensor, chunk: int, n_chunks: int) -> torch.Tensor:
+    """(..., L) -> (..., n_chunks, chunk), zero-padded at the end (a zero log-decay keeps the
+    state, a zero input adds nothing); time-invariant (..., 1) -> broadcastable (..., 1, 1)."""
+    if x.shape[-1] == 1 and chunk * n_chunks > 1:
+        return x.unsqueeze(-1)
+    return F.pad(x, (0, chunk * n_chunks - x.shape[-1])).unflatten(-1, (n_chunks, chunk))
+
+
+def _chunked_scan(
+    a: torch.Tensor, x: torch.Tensor, c: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``h_t = exp(a_t) h_{t-1} + x_t``, ``y_t = sum_n c_t h_t`` from a zero state, in chunks.
+
+    ``a`` (log-decays <= 0) and ``x``: (batch, D, N, L); ``c`` broadcastable to them. Returns
+    ``y`` (batch, D, L) and the last state (batch, D, N). Both Python loops run about
+    ``sqrt(L)`` times (see :func:`export_chunking`), so the graph stays small.
+    """
+    chunk, n_chunks = export_chunking(length)
+    a, x, c = (_to_chunks(t, chunk, n_chunks) for t in (a, x, c))  # (b, D, N, K, Q)
+    # 1. Every chunk from a zero state, all chunks at once: a loop over the steps of a chunk.
+    decays, inputs = torch.exp(a).unbind(-1), x.unbind(-1)
+    hs = [inputs[0]]
+    for s in range(1, chunk):
+        hs.append(decays[s] * hs[-1] + inputs[s])
+    h = torch.stack(hs, -1)
+    if n_chunks == 1:
+        return (h * c).sum(2).flatten(-2)[..., :length], h[..., 0, -1]
+    # 2. The state entering each chunk: a loop over the chunks, on their end states.
+    chunk_decays, ends = torch.exp(a.sum(-1)).unbind(-1), hs[-1].unbind(-1)
+    entering = [ends[0]]  # into chunks 1, 2, ... (chunk 0 starts from zero)
+    for k in range(2, n_chunks):
+        entering.append(chunk_decays[k - 1] * entering[-1] + ends[k - 1])
+    last = chunk_decays[-1] * entering[-1] + ends[-1]
+    entering = F.pad(torch.stack(entering, -1), (1, 0))  # (no zeros_like: traced as a constant)
+    # 3. Each step gets the entering state, decayed since the chunk's start (a direct sum of
+    # log-decays, so exp of a number <= 0).
+    h = h + torch.exp(a.cumsum(-1)) * entering.unsqueeze(-1)
+    return (h * c).sum(2).flatten(-2)[..., :length], last
+
+
+def _selective_scan_export(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
+    """The selective scan from standard tensor ops, with no Python arithmetic on the batch size
+    (see the module docstring): traceable by torch.export, both ONNX exporters and jit.trace."""
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    length = u.shape[-1]
+    with fp32_region(u.device):
+        u32 = u.float()
+        delta = _discretise(delta, delta_bias, delta_softplus, exact=False)
+        if length == 0:
+            y, last = u32 * 0, u32.new_zeros(u.shape[0], u.shape[1], A.shape[1])
+        else:
+            dim = u.shape[1]
+            a = delta.unsqueeze(2) * A.float().unsqueeze(-1)  # (b, D, N, L), <= 0
+            x = (delta * u32).unsqueeze(2) * _per_channel_export(B.float(), dim)
+            y, last = _chunked_scan(a, x, _per_channel_export(C.float(), dim), length)
+        out = _finish(y, u32, D, z).to(u.dtype)
+    return (out, last) if return_last_state else out

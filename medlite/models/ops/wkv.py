@@ -21,6 +21,15 @@ own running maximum ``s_t = max_{i<=t}(k_i - (t-i) w)`` (computed with ``cummax`
 gradient), so every factor is ``exp`` of a non-positive number: no overflow for
 any k, w or T. Gradients flow through the scan's hand-written backward.
 
+The export path (``backend="export"``, chosen automatically while a graph is exported or traced)
+avoids the scan's batch-size arithmetic and ``cummax`` (which ONNX lacks): tokens are cut into
+about ``sqrt(T)`` chunks of about ``sqrt(T)``; inside a chunk the exact softmax form above is
+used, and each chunk is summarised (as seen from its end, for later tokens, and from its start,
+for earlier ones) by a log-scale and sums relative to it. A (chunks x chunks) step combines the
+summaries of all earlier / later chunks, again relative to their maximum, so every ``exp`` is
+of a number <= 0 and each token's denominator is >= 1: no overflow for any k, w or T, with a
+fixed number of ops and O(batch * T * sqrt(T) * C) time and memory.
+
 Note: upstream's CUDA kernel (OpenGVLab/Vision-RWKV ``wkv_cuda.cu``) appears to apply distance
 ``|t-i|`` instead of ``|t-i|-1`` to some token pairs; weights trained with it transfer with a
 tiny shift of the decay only.
@@ -29,10 +38,16 @@ tiny shift of the decay only.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from medlite.models.ops.selective_scan import _scan_time_major, fp32_region
+from medlite.models.ops.selective_scan import (
+    _scan_time_major,
+    export_chunking,
+    fp32_region,
+    tracing_for_export,
+)
 
-BACKENDS = ("auto", "fast", "ref")
+BACKENDS = ("auto", "fast", "ref", "export")
 
 # Elements of the (batch, rows, T, C) score tensor per step of the reference.
 _REF_BLOCK_ELEMENTS = 1 << 22
@@ -53,9 +68,11 @@ def wkv_bidirectional(
         w: (C,) decay per token of distance (pass ``spatial_decay / T`` for the paper's model).
         u: (C,) bonus of the token itself (``spatial_first / T`` in Vision-RWKV's code).
         k, v: (batch, T, C) keys and values.
-        backend: ``"auto"``/``"fast"`` (O(T*C) scan) or ``"ref"`` (O(T^2) softmax form). There
-            is no CUDA kernel to dispatch to; the fast path runs on CPU and GPU.
-        chunk_size: time steps per chunk of the scan (tuning knob).
+        backend: ``"auto"``/``"fast"`` (O(T*C) scan), ``"ref"`` (O(T^2) softmax form) or
+            ``"export"`` (chunked, standard tensor ops only, traceable with a dynamic batch;
+            what ``"auto"``/``"fast"`` run while a graph is exported or traced). There is no
+            CUDA kernel to dispatch to; the fast path runs on CPU and GPU.
+        chunk_size: time steps per chunk of the scan (tuning knob; not used by ``"export"``).
 
     Returns:
         (batch, T, C) in ``k``'s dtype, computed in fp32 (autocast disabled inside).
@@ -64,6 +81,8 @@ def wkv_bidirectional(
         raise ValueError(f"wkv_bidirectional backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "ref":
         return wkv_bidirectional_ref(w, u, k, v)
+    if backend == "export" or tracing_for_export(k):
+        return _wkv_export(w, u, k, v)
     _check(w, u, k, v)
     batch, length, channels = k.shape
     if length == 0:
@@ -130,6 +149,70 @@ def wkv_bidirectional_ref(
             out.append((weights * v32[:, None]).sum(2))  # (b, r, C)
         y = torch.cat(out, dim=1) if out else k32.new_zeros(batch, 0, channels)
         return y.to(k.dtype)
+
+
+def _wkv_export(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Bi-WKV from standard tensor ops, chunked (see the module docstring); no cummax and no
+    Python arithmetic on the batch size. All log-scales (maxima) carry no gradient: the result
+    does not depend on them."""
+    _check(w, u, k, v)
+    length = k.shape[1]
+    if length == 0:
+        return k * 0
+    chunk, n_chunks = export_chunking(length)
+    dev, ninf = k.device, float("-inf")
+    with fp32_region(dev):
+        w32, u32 = w.float(), u.float()
+        pad = (0, 0, 0, chunk * n_chunks - length)
+        kc = F.pad(k.float(), pad).unflatten(1, (n_chunks, chunk))  # (b, K, Q, C)
+        vc = F.pad(v.float(), pad).unflatten(1, (n_chunks, chunk))
+        steps = torch.arange(chunk, device=dev)
+        pos = steps.float()[:, None]  # (Q, 1): position in the chunk
+        real = (torch.arange(n_chunks * chunk, device=dev) < length).view(n_chunks, chunk)
+        # Inside a chunk: score [.., p, i, :] of token i for token p, the exact softmax form.
+        own = steps[:, None] == steps[None, :]
+        dist = (steps[:, None] - steps[None, :]).abs().float()[..., None]  # (Q, Q, 1)
+        bias = torch.where(own[..., None], u32, (1 - dist) * w32)  # (Q, Q, C)
+        keep = (real[:, None, :] | own)[..., None]  # padding is no source (but its own target)
+        scores = torch.where(keep, kc.unsqueeze(2) + bias, ninf)  # (b, K, Q, Q, C)
+        # Each chunk summarised for the tokens after it (seen from its last token) and before it
+        # (seen from its first token).
+        src = torch.where(real[..., None], kc, ninf)
+        fwd = _summarise(src - (chunk - 1 - pos) * w32, vc)
+        bwd = _summarise(src - pos * w32, vc)
+        # Carried into chunk c: all chunks j < c (forward) / j > c (backward), (c-1-j)*Q and
+        # (j-c-1)*Q tokens away from the chunk's edge.
+        idx = torch.arange(n_chunks, device=dev)
+        gap = ((idx[:, None] - idx[None, :]).abs() - 1).float() * chunk
+        lead_f, num_f, den_f = _combine(*fwd, idx[:, None] > idx[None, :], gap, w32)
+        lead_b, num_b, den_b = _combine(*bwd, idx[:, None] < idx[None, :], gap, w32)
+        # Log-scale of the carried sums at each token: decay from the chunk's edge to the token.
+        lead_f = lead_f.unsqueeze(2) - pos * w32  # (b, K, Q, C)
+        lead_b = lead_b.unsqueeze(2) - (chunk - 1 - pos) * w32
+        top = torch.maximum(scores.amax(3), torch.maximum(lead_f, lead_b)).detach()
+        e = torch.exp(scores - top.unsqueeze(3))
+        e_f, e_b = torch.exp(lead_f - top), torch.exp(lead_b - top)  # 0 where nothing carried
+        num = (e * vc.unsqueeze(2)).sum(3) + e_f * num_f.unsqueeze(2) + e_b * num_b.unsqueeze(2)
+        den = e.sum(3) + e_f * den_f.unsqueeze(2) + e_b * den_b.unsqueeze(2)  # >= 1
+        return (num / den).flatten(1, 2)[:, :length].to(k.dtype)
+
+
+def _summarise(scores: torch.Tensor, v: torch.Tensor):
+    """Per chunk: the max score m (no gradient) and sum exp(score - m) * (v, 1), over dim 2."""
+    m = scores.amax(2).detach()  # finite: no chunk is all padding
+    e = torch.exp(scores - m.unsqueeze(2))
+    return m, (e * v).sum(2), e.sum(2)
+
+
+def _combine(m, num, den, mask, gap, w):
+    """Sums over the chunks j that ``mask[c, j]`` selects, each decayed by ``gap[c, j] * w``:
+    the log-scale (-inf where none; no gradient) and the numerator and denominator relative to
+    it, each (b, K, C)."""
+    scores = torch.where(mask[..., None], m.unsqueeze(1) - gap[..., None] * w, float("-inf"))
+    lead = scores.amax(2).detach()  # (b, K, C)
+    safe = torch.where(mask.any(1)[:, None], lead, 0.0)  # no -inf - -inf for the empty rows
+    e = torch.exp(scores - safe.unsqueeze(2))
+    return lead, (e * num.unsqueeze(1)).sum(2), (e * den.unsqueeze(1)).sum(2)
 
 
 def _check(w, u, k, v) -> None:
