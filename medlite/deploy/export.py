@@ -9,6 +9,7 @@ fails raises :class:`ExportError` after ``export.json`` is written, so nothing m
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -233,6 +234,7 @@ def export_run(
                     f"{entry['parity']['max_abs_diff']:.3g} on the test split (tolerance {tol:.3g})"
                 )
 
+    formats = _previous_formats(out, formats) | formats
     record = {
         "run_dir": str(run.path),
         "model": run.results["model"],
@@ -270,6 +272,22 @@ def export_run(
             + "\n  ".join(problems)
         )
     return record
+
+
+def _previous_formats(out: Path, now: dict[str, dict]) -> dict[str, dict]:
+    """Formats exported earlier and not redone now (whose files still exist): exporting one
+    format later must not drop the record of the others from export.json."""
+    try:
+        old = json.loads((out / "export.json").read_text())["formats"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {
+        fmt: entry
+        for fmt, entry in old.items()
+        if fmt not in now
+        and (entry.get("parity") or {}).get("ok")
+        and Path(entry.get("path", "")).is_file()
+    }
 
 
 def _runtime_versions() -> dict[str, str | None]:

@@ -140,7 +140,8 @@ _EXPORTERS = {"dynamo": _export_dynamo, "legacy": _export_legacy}
 
 
 def _embed_and_tag(path: Path, exporter: str, model: nn.Module) -> None:
-    """One self-contained file (no ``.data`` next to it) that records how it was made."""
+    """One self-contained file (no ``.data`` next to it) that records how it was made, without
+    the exporter's per-node debugging metadata."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
@@ -155,6 +156,11 @@ def _embed_and_tag(path: Path, exporter: str, model: nn.Module) -> None:
         for t in proto.graph.initializer:
             t.data_location = onnx.TensorProto.DEFAULT
             del t.external_data[:]
+    for node in proto.graph.node:
+        # the dynamo exporter records each node's Python stack trace and FX name: ~40% of a small
+        # model's file, and local source paths have no business in a file shipped to a device
+        del node.metadata_props[:]
+        node.doc_string = ""
     props = {p.key: p.value for p in proto.metadata_props}
     props.update(
         {EXPORTER_KEY: exporter, "medlite.model": type(model).__name__, "torch": torch.__version__}

@@ -9,6 +9,7 @@ A file that can't be read becomes an error row; the other files of a folder stil
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,8 +62,6 @@ class Predictor:
         export = self.run.export_dir / "export.json"
         passed = False
         if export.is_file():
-            import json
-
             try:
                 passed = json.loads(export.read_text()).get("status") == "ok"
             except (OSError, ValueError):

@@ -55,6 +55,10 @@ def test_export_cli(exported_run: Path, tmp_path, capsys):
     shutil.copytree(exported_run, run_dir, ignore=shutil.ignore_patterns("export"))
     assert main_export([f"run={run_dir}", "formats=[onnx_fp32]"]) == 0
     assert "pass" in capsys.readouterr().out
+    # a format exported later joins the record instead of replacing it
+    assert main_export([f"run={run_dir}", "formats=[torch_export]"]) == 0
+    formats = json.loads((run_dir / "export" / "export.json").read_text())["formats"]
+    assert set(formats) == {"onnx_fp32", "torch_export"}
     assert main_export([f"run={run_dir}", "fromats=[onnx_fp32]"]) == 1
     err = capsys.readouterr().err
     assert "fromats" in err and "formats" in err  # names the typo and lists the valid keys

@@ -42,6 +42,8 @@ def test_train_with_export_writes_checked_formats(exported_run: Path):
     assert int8["size_mb"] < 0.5 * fmts["onnx_fp32"]["size_mb"]
     for name, entry in fmts.items():
         assert Path(entry["path"]).is_file(), name
+    # no exporter debugging metadata (stack traces with local source paths) in shipped files
+    assert b'.py", line' not in Path(fmts["onnx_fp32"]["path"]).read_bytes()
 
 
 def test_exported_files_run_on_their_own(exported_run: Path, shared_data: Path):
@@ -145,3 +147,45 @@ def test_every_paradigm_exports_with_parity(model, tmp_path, shared_data, one_th
     assert torch.allclose(OrtModel(path)(x), ref, atol=1e-3 * max(1.0, ref.abs().max().item()))
     program = _torch_export(net, x[:2], tmp_path / "m.pt2")
     assert torch.allclose(program(x), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("recipe", ["ptq", "prune"])
+def test_compressed_runs_export_their_compressed_model(recipe, exported_run, tmp_path, shared_data):
+    """A pruned run exports the pruned network; an int8 run ships its own int8 file, and its
+    PyTorch reference is the fp32 model that file was made from (saved by the recipe)."""
+    from medlite.pipeline import run as train_run
+    from tests.helpers import make_cfg
+
+    base = json.loads((exported_run / "results.json").read_text())["best_checkpoint"]
+    out = tmp_path / recipe
+    cfg = make_cfg(
+        out,
+        [
+            "data=breastmnist",
+            f"paths.data_dir={shared_data}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
+            "debug=limit",
+            "callbacks=none",
+            f"compress={recipe}",
+            f"compress.base_ckpt={base}",
+            "export=onnx",
+        ],
+    )
+    train_run(cfg)
+    rec = _export(out)
+    assert rec["status"] == "ok"
+    compressed = out / "compressed"
+    if recipe == "ptq":
+        assert "compression recipe (ptq)" in rec["formats"]["onnx_int8"]["source"]
+        assert (compressed / "model_fp32.pt").is_file()
+    else:
+        assert "post-training" in rec["formats"]["onnx_int8"]["source"]
+        results = json.loads((out / "results.json").read_text())
+        assert (
+            rec["reference"]["params"] == results["model"]["params"]
+            or rec["reference"]["params"] < results["model"]["params"]
+        )  # the pruned network, not the dense config model
+        assert rec["reference"]["params"] < TrainedRun.load(exported_run).results["model"]["params"]
+    assert rec["formats"]["onnx_fp32"]["parity"]["max_abs_diff"] < 1e-4
+    card = (out / "model_card.md").read_text()
+    assert "## Compression stages" in card and f"`{recipe}`" in card
