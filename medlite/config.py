@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from medlite.data import medmnist, synthetic
 from medlite.errors import ConfigError
 from medlite.models.registry import PARADIGMS
+
+
+def run_group(task_name: str) -> str:
+    """W&B group of a run: its sweep (``<task>-<sweep dir name>``) for a multirun job, so a
+    sweep's jobs sit together; the task name for a single run."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return f"{task_name}-{Path(HydraConfig.get().sweep.dir).name}"
+    except Exception:  # noqa: BLE001 - outside Hydra (tests, scripts) there is no sweep
+        pass
+    return task_name
+
+
+OmegaConf.register_new_resolver("medlite.run_group", run_group, replace=True)
 
 
 def _get(cfg: DictConfig, key: str):

@@ -95,6 +95,10 @@ def write_json(path: str | os.PathLike, data: dict) -> Path:
     return path
 
 
+def read_json(path: str | os.PathLike) -> dict:
+    return json.loads(Path(path).read_text())
+
+
 def print_summary(results: dict, console: Console | None = None) -> None:
     """The closing table of a run: test (and best validation) metrics, size, and where it all went."""
     console = console or Console()

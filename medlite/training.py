@@ -7,11 +7,14 @@ prefix, all logged to the same loggers, each ending on its best-validation-AUC c
 
 from __future__ import annotations
 
+import random
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -44,6 +47,47 @@ def instantiate_group(group: DictConfig | None) -> list:
     ]
 
 
+class EpochSeed(pl.Callback):
+    """Seed Python, NumPy and torch for every training epoch from (seed, phase, epoch): the
+    shuffling, augmentation and dropout of an epoch depend on nothing that came before it, so a
+    run resumed from an end-of-epoch checkpoint trains exactly as the uninterrupted run would.
+    (Exact with ``data.num_workers=0``; persistent worker processes keep their own generators.)
+
+    Lightning creates the train iterator of a fit's first epoch (epoch 0, or the first epoch
+    after the checkpoint) early (when the optimizers are configured, which may count the train
+    batches), the later ones just after ``on_train_epoch_start``: seed the first epoch in
+    ``setup`` / ``on_load_checkpoint`` (both come before that), the others at their start."""
+
+    def __init__(self, seed: int, phase: str = "") -> None:
+        self.seed, self.phase = int(seed), phase
+        self._seeded: int | None = None  # the epoch the generators were last seeded for
+
+    def epoch_seed(self, epoch: int) -> int:
+        entropy = [self.seed, zlib.crc32(self.phase.encode()), int(epoch)]
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+    def _seed(self, epoch: int) -> None:
+        seed = self.epoch_seed(epoch)
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        self._seeded = epoch
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._seed(0)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        """Resuming: the next epoch is the number of epochs the checkpoint had processed."""
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {})
+        processed = progress.get("current", {}).get("processed")
+        self._seed(int(processed if processed is not None else checkpoint["epoch"] + 1))
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch != self._seeded:
+            self._seed(trainer.current_epoch)
+
+
 def train_phase(
     cfg: DictConfig,
     model: nn.Module,
@@ -59,9 +103,12 @@ def train_phase(
     task_loss_weight: float = 1.0,
     callbacks: Sequence[pl.Callback] = (),
     test: bool = True,
+    ckpt_path: str | Path | None = None,
 ) -> Phase:
     """Fit ``model`` (epochs: ``trainer.max_epochs`` unless given), reload the checkpoint with the
-    best validation AUC, validate it and (``test``) test it."""
+    best validation AUC, validate it and (``test``) test it. ``ckpt_path``: resume the fit from
+    this checkpoint (weights, optimizer, LR scheduler, epoch/step counters, best-checkpoint
+    tracking)."""
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     if lr is not None:
         optim["lr"] = float(lr)
@@ -80,8 +127,13 @@ def train_phase(
         filename="best-{epoch:03d}",
         monitor=f"{prefix}val/auc",
         mode="max",
-        save_last=True,
         auto_insert_metric_name=False,
+    )
+    # last.ckpt after every epoch, what ``resume=<run dir>`` continues from. (Lightning 2.6
+    # writes ``save_last`` only when a top-k checkpoint was saved, i.e. on a new best.) After
+    # ``checkpoint`` in the list, so it records that callback's updated best-model state.
+    last = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="last", save_top_k=1, enable_version_counter=False
     )
     cap = cfg.get("max_phase_epochs")
     if epochs and cap:
@@ -89,11 +141,18 @@ def train_phase(
     overrides = {"max_epochs": int(epochs)} if epochs else {}
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
-        callbacks=[checkpoint, NaNGuard(), *instantiate_group(cfg.get("callbacks")), *callbacks],
+        callbacks=[
+            checkpoint,
+            last,
+            NaNGuard(),
+            EpochSeed(cfg.seed, prefix),
+            *instantiate_group(cfg.get("callbacks")),
+            *callbacks,
+        ],
         logger=list(loggers) or False,
         **overrides,
     )
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
     best = checkpoint.best_model_path or None
     if best:  # the MedMNIST protocol: keep the checkpoint with the best validation AUC
         state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]

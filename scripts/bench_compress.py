@@ -21,30 +21,11 @@ import statistics
 import warnings
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
 from rich.console import Console
 from rich.table import Table
 
 from medlite.cli import quiet_third_party
-from medlite.pipeline import run
-
-CONF = Path(__file__).resolve().parents[1] / "conf"
-
-
-def run_one(out: Path, overrides: list[str], reuse: bool) -> dict:
-    """One pipeline run in this process (or its earlier results.json with --reuse)."""
-    done = out / "results.json"
-    if reuse and done.exists():
-        res = json.loads(done.read_text())
-        if res.get("status") == "ok":
-            return res
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    run(cfg)
-    return json.loads(done.read_text())
+from medlite.pipeline import run_with_overrides
 
 
 def _common(args, data: str) -> list[str]:
@@ -63,9 +44,11 @@ def compression_rows(args, console: Console) -> list[dict]:
     for data in args.datasets:
         for model in args.models:
             base_dir = args.out / data / model / "base"
-            base = run_one(base_dir, [*_common(args, data), f"model={model}", "seed=0"], args.reuse)
+            base = run_with_overrides(
+                base_dir, [*_common(args, data), f"model={model}", "seed=0"], args.reuse
+            )
             for recipe in args.recipes:
-                res = run_one(
+                res = run_with_overrides(
                     args.out / data / model / recipe,
                     [
                         *_common(args, data),
@@ -105,9 +88,13 @@ def kd_rows(args) -> list[dict]:
         for seed in args.kd_seeds:
             common = [*_common(args, data), f"seed={seed}"]
             root = args.out / data / "kd" / f"seed{seed}"
-            teacher = run_one(root / "teacher", [*common, f"model={args.teacher}"], args.reuse)
-            alone = run_one(root / args.student, [*common, f"model={args.student}"], args.reuse)
-            kd = run_one(
+            teacher = run_with_overrides(
+                root / "teacher", [*common, f"model={args.teacher}"], args.reuse
+            )
+            alone = run_with_overrides(
+                root / args.student, [*common, f"model={args.student}"], args.reuse
+            )
+            kd = run_with_overrides(
                 root / f"{args.student}_kd",
                 [
                     *common,

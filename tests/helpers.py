@@ -34,3 +34,33 @@ def model_and_context(
         torch.manual_seed(seed)
     model = build_model(cfg.model, dm.task.num_outputs, dm.in_chans, dm.preprocess.input_size)
     return model, RunContext(cfg=cfg, datamodule=dm, output_dir=tmp_path)
+
+
+def wandb_offline_records(path: Path) -> list:
+    """The protobuf records of an offline W&B run file (``run-<id>.wandb``), read from disk.
+
+    wandb 0.31 writes no config.yaml or summary for offline runs and has no Python reader; the
+    file is a LevelDB-style log (32 KiB blocks of crc/length/type-framed chunks) of ``Record``s.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    records, pos, block, chunk = [], 7, 32768, b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # block trailer too short for a header: padding
+            pos += block - pos % block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:
+            break
+        chunk += data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            rec = pb.Record()
+            rec.ParseFromString(chunk)
+            records.append(rec)
+            chunk = b""
+    return records

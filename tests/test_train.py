@@ -192,8 +192,13 @@ def test_multirun_goes_on_after_a_failing_job(tmp_path: Path) -> None:
     proc = _train_py(tmp_path, ["-m", "debug=limit", "callbacks=none", "data.size=100,28", sweep])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data.size=100" in proc.stderr  # the failing job's clear message
-    results = list((tmp_path / "sweep").glob("*/results.json"))
-    assert len(results) == 1 and json.loads(results[0].read_text())["status"] == "ok"
+    status = {
+        p.parent.name.split("_")[0]: json.loads(p.read_text())
+        for p in (tmp_path / "sweep").glob("*/results.json")
+    }
+    assert status["1"]["status"] == "ok"
+    # the failed job is recorded (for the sweep summary and aggregation), with its error
+    assert status["0"]["status"] == "failed" and "data.size=100" in status["0"]["error"]
 
 
 def test_failed_start_leaves_no_empty_run_folders(tmp_path: Path) -> None:

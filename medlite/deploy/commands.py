@@ -57,6 +57,27 @@ class PredictCommand:
     show_traceback: bool = False
 
 
+HELP = {
+    "run": "run directory written by train.py (holds results.json)",
+    "input": "image file (PNG/JPEG/BMP/TIFF, DICOM, 2D NIfTI) or a folder of them",
+    "runtime": "auto | pytorch | onnx_fp32 | onnx_int8 (auto: checked int8, else fp32 ONNX, else PyTorch)",
+    "out": "also write the predictions to this CSV file",
+    "data_dir": "folder of the MedMNIST file (default: where the run found it, or MEDLITE_DATA_DIR)",
+    "show_traceback": "print the full traceback of medlite's errors",
+    "formats": "subset of [onnx_fp32,onnx_int8,torch_export]",
+    "fp32_tolerance": "max |logit diff| of fp32 formats, relative to max(1, largest |logit|)",
+    "int8_max_auc_drop": "largest test-AUC drop allowed for int8 (0.01 = one AUC point)",
+    "calibration_batches": "training batches (no augmentation) that calibrate int8",
+    "per_channel": "per-channel int8 weight scales",
+    "opset": "ONNX opset (default: the exporter's)",
+    "runtimes": "subset of [pytorch,onnx_fp32,onnx_int8]",
+    "threads": "CPU thread counts to measure at",
+    "repeats": "timed batch-1 passes (median and p90 reported)",
+    "warmup": "untimed passes first",
+    "throughput_batch": "batch size of the throughput measurement",
+}
+
+
 def _usage(schema: type) -> str:
     lines = [(schema.__doc__ or "").strip(), "", "arguments (key=value):"]
     for f in dataclasses.fields(schema):
@@ -64,7 +85,7 @@ def _usage(schema: type) -> str:
         if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             default = f.default_factory()  # type: ignore[misc]
         shown = "required" if default == MISSING else f"default {default}"
-        lines.append(f"  {f.name:<22} ({shown})")
+        lines.append(f"  {f.name:<20} {HELP.get(f.name, '')} ({shown})")
     return "\n".join(lines)
 
 

@@ -1,0 +1,182 @@
+"""Aggregate a sweep: mean ± std over seeds, accuracy-vs-cost Pareto plot, and the best model
+under a deployment budget.
+
+    python scripts/aggregate.py outputs/train/multiruns/<time> [--out DIR]
+        [--select "latency_ms<=5" "size_mb<=2"]
+
+Writes aggregate.csv (one row per job), summary.csv, summary.md and pareto.png to --out
+(default <sweep dir>/aggregate). Exit code 1 with one message for medlite's errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from medlite.errors import MedliteError
+from medlite.sweeps import aggregate as agg
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Aggregate the results.json of a sweep (or any folder of runs).",
+        epilog='example: --select "latency_ms<=5" "size_mb<=2" "auc>=0.85"  (keys: '
+        + ", ".join(agg.valid_keys())
+        + ")",
+    )
+    parser.add_argument("sweep_dir", type=Path, help="sweep directory, run directory, or a parent")
+    parser.add_argument("--out", type=Path, help="output folder (default: <sweep_dir>/aggregate)")
+    parser.add_argument(
+        "--select",
+        nargs="+",
+        metavar="CONSTRAINT",
+        help="budget such as latency_ms<=5 size_mb<=2 params<1e6 auc>=0.85; prints the best group",
+    )
+    parser.add_argument("--show-traceback", action="store_true", help="full traceback on errors")
+    return parser.parse_args(argv)
+
+
+def summary_table(summary: Sequence[dict]) -> Table:
+    table = Table(title="sweep summary (test metrics: mean ± std over seeds)")
+    for col in (
+        "paradigm",
+        "model",
+        "compress",
+        "data/size",
+        "n",
+        "failed",
+        "test AUC",
+        "test ACC",
+        "params",
+        "MACs",
+        "size (MB)",
+        "latency (ms)",
+        "Pareto",
+    ):
+        text = col in ("paradigm", "model", "compress", "data/size")
+        table.add_column(col, justify="left" if text else "right", no_wrap=not text)
+    for r in summary:
+        table.add_row(
+            str(r["paradigm"]),
+            str(r["model"]),
+            str(r["compress"]),
+            f"{r['data']}/{r['size']}",
+            str(r["n"]),
+            str(r["n_failed"]) if r["n_failed"] else "",
+            agg.format_pm(r["test_auc"], r["test_auc_std"]),
+            agg.format_pm(r["test_acc"], r["test_acc_std"]),
+            agg.format_count(r["params"]),
+            agg.format_count(r["macs"]),
+            agg.format_float(r["size_mb"]),
+            agg.format_float(r["latency_ms"]),
+            agg.pareto_label(r),
+        )
+    return table
+
+
+def print_jobs(console: Console, records: Sequence[dict]) -> None:
+    failed = [r for r in records if r.get("status") != "ok"]
+    console.print(
+        f"{len(records)} job(s): [bold]{len(records) - len(failed)}[/bold] succeeded, "
+        f"[bold{' red' if failed else ''}]{len(failed)}[/] failed"
+    )
+    for r in failed:
+        err = agg.first_line(r.get("error")) or f"status {r.get('status')}"
+        console.print(f"  failed: {escape(r['job'])}: {escape(err)}", highlight=False)
+
+
+def _group_name(row: dict) -> str:
+    return f"{row['model']}/{row['compress']} ({row['paradigm']}, {row['data']} {row['size']} px)"
+
+
+def print_selection(
+    console: Console, summary: Sequence[dict], constraints: Sequence[str], choice: dict | None
+) -> None:
+    parsed = [agg.parse_constraint(c) for c in constraints]
+    budget = " and ".join(str(c) for c in parsed)
+    if choice is None:
+        console.print(f"[bold red]no model meets the budget[/bold red] {escape(budget)}")
+        scored = [r for r in summary if r.get("n") and r.get("test_auc") is not None]
+        for c in parsed:
+            meets = [r for r in scored if c.holds(r)]
+            line = f"  {c}: {len(meets)} of {len(scored)} group(s)"
+            values = [r[c.key] for r in scored if r.get(c.key) is not None]
+            if values and c.op in ("<", "<=", ">", ">="):
+                best = min(values) if c.op in ("<", "<=") else max(values)
+                line += f" (best available: {best:.4g})"
+            console.print(escape(line), highlight=False)
+        return
+    best, candidates = choice["best"], choice["candidates"]
+    console.print(
+        f"[bold green]selected[/bold green] for {escape(budget)}: [bold]{escape(_group_name(best))}[/bold]"
+    )
+    console.print(
+        f"  test AUC {agg.format_pm(best['test_auc'], best['test_auc_std'])} over {best['n']} "
+        f"seed(s); latency {agg.format_float(best['latency_ms'])} ms, "
+        f"{agg.format_float(best['size_mb'])} MB, {agg.format_count(best['params'])} params",
+        highlight=False,
+    )
+    for c in parsed:
+        console.print(
+            escape(
+                f"  {c}: {c.key} = {best[c.key]:.4g}" if not isinstance(c.value, str) else f"  {c}"
+            ),
+            highlight=False,
+        )
+    why = f"  why: highest mean test AUC of the {len(candidates)} group(s) meeting every constraint"
+    if len(candidates) > 1:
+        nxt = candidates[1]
+        why += f"; runner-up {nxt['model']}/{nxt['compress']} at {agg.format_pm(nxt['test_auc'], None)}"
+    console.print(escape(why), highlight=False)
+
+
+def run(args: argparse.Namespace, console: Console) -> int:
+    records = agg.collect(args.sweep_dir)
+    if args.select:  # a bad constraint fails before any file is written
+        for c in args.select:
+            agg.parse_constraint(c)
+    summary = agg.summarise(records)
+    out = args.out or args.sweep_dir / "aggregate"
+    print_jobs(console, records)
+    console.print(summary_table(summary))
+    paths = list(agg.write_tables(summary, out, records).values())
+    datasets = sorted({r["data"] for r in summary}, key=str)
+    for data in datasets:
+        name = "pareto.png" if len(datasets) == 1 else f"pareto_{data}.png"
+        png = agg.plot_pareto([r for r in summary if r["data"] == data], out / name)
+        if png is not None:
+            paths.append(png)
+    console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False)
+    if args.select:
+        print_selection(console, summary, args.select, agg.select(summary, args.select))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    console = Console()
+    if not console.is_terminal:  # piped or captured: don't squeeze the table into 80 columns
+        console = Console(width=160)
+    try:
+        return run(args, console)
+    except MedliteError as err:
+        if args.show_traceback:
+            raise
+        Console(stderr=True, soft_wrap=True).print(
+            f"[bold red]medlite: {type(err).__name__}[/bold red]: {escape(str(err))}\n"
+            "[dim](add --show-traceback for the full traceback)[/dim]",
+            highlight=False,
+        )
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""Sweep aggregation on a real multirun: per-job records, mean ± std over seeds, tables, the
+Pareto plot, budget selection, and the command line (scripts/aggregate.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from medlite.errors import ConfigError
+from medlite.sweeps.aggregate import (
+    collect,
+    pareto_front,
+    parse_constraint,
+    plot_pareto,
+    select,
+    summarise,
+    write_tables,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+JOBS = [
+    "0_litecnn_synthlesion_none_seed0",
+    "1_litecnn_synthlesion_none_seed1",
+    "2_mobilenetv3_synthlesion_none_seed0",
+    "3_mobilenetv3_synthlesion_none_seed1",
+]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> Path:
+    """A real 2 models x 2 seeds multirun of train.py on the embedded synthetic data.
+    One thread per job: on a busy 2-core machine two threads per job thrash (minutes, not s)."""
+    root = tmp_path_factory.mktemp("aggsweep")
+    env = os.environ | {
+        "MEDLITE_CACHE_DIR": str(root / "cache"),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(root / "wandb"),
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "train.py",
+        "-m",
+        "model=litecnn,mobilenetv3",
+        "seed=0,1",
+        "debug=limit",
+        "callbacks=none",
+        f"paths.log_dir={root / 'outputs'}",
+        f"hydra.sweep.dir={root / 'sweep'}",
+    ]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "sweep"
+
+
+def _raw(sweep: Path) -> dict[str, dict]:
+    """The results.json files themselves, read without medlite."""
+    return {job: json.loads((sweep / job / "results.json").read_text()) for job in JOBS}
+
+
+def _copy(sweep: Path, dest: Path) -> Path:
+    shutil.copytree(sweep, dest, ignore=shutil.ignore_patterns("*.ckpt", "wandb"))
+    return dest
+
+
+def _script(*args: str | Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "scripts/aggregate.py", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ | {"COLUMNS": "200"},
+    )
+
+
+# --------------------------------------------------------------------------- real sweep
+
+
+def test_collect_one_record_per_job(sweep: Path) -> None:
+    records = collect(sweep)
+    assert sorted(r["job"] for r in records) == JOBS
+    raw = _raw(sweep)
+    for rec in records:
+        res = raw[rec["job"]]
+        assert rec["status"] == "ok" and rec["error"] is None
+        assert (rec["model"], rec["paradigm"], rec["compress"]) == (
+            res["model"]["name"],
+            "cnn",
+            "none",
+        )
+        assert (rec["data"], rec["size"], rec["seed"]) == ("synthlesion", 28, res["seed"])
+        assert rec["test_auc"] == res["test"]["auc"] and rec["test_acc"] == res["test"]["acc"]
+        assert rec["params"] == res["efficiency"]["params"] > 0
+        assert rec["latency_ms"] == res["efficiency"]["latency_ms"] > 0
+        assert Path(rec["run_dir"]) == sweep / rec["job"]
+    # a parent of the sweep finds the same jobs (paths relative to it)
+    assert len(collect(sweep.parent)) == 4
+
+
+def test_summary_mean_and_sample_std_over_seeds(sweep: Path) -> None:
+    summary = summarise(collect(sweep))
+    assert [(g["model"], g["n"], g["n_failed"], g["seeds"]) for g in summary] == [
+        ("litecnn", 2, 0, [0, 1]),
+        ("mobilenetv3", 2, 0, [0, 1]),
+    ]
+    raw = _raw(sweep)
+    for group in summary:
+        runs = [r for r in raw.values() if r["model"]["name"] == group["model"]]
+        for metric in ("auc", "acc", "sensitivity", "specificity"):
+            values = np.array([r["test"][metric] for r in runs], dtype=float)
+            assert group[f"test_{metric}"] == pytest.approx(values.mean())
+            assert group[f"test_{metric}_std"] == pytest.approx(values.std(ddof=1), abs=1e-12)
+        for cost in ("size_mb", "latency_ms"):
+            values = np.array([r["efficiency"][cost] for r in runs], dtype=float)
+            assert group[cost] == pytest.approx(values.mean())
+        assert group["params"] == runs[0]["efficiency"]["params"]
+        assert group["macs"] == runs[0]["efficiency"]["macs"]
+
+
+def test_tables_have_one_row_per_job_and_per_group(sweep: Path, tmp_path: Path) -> None:
+    records = collect(sweep)
+    summary = summarise(records)
+    paths = write_tables(summary, tmp_path / "out", records)
+    assert set(paths) == {"aggregate.csv", "summary.csv", "summary.md"}
+    with paths["aggregate.csv"].open() as f:
+        jobs = list(csv.DictReader(f))
+    assert sorted(j["job"] for j in jobs) == JOBS and {j["status"] for j in jobs} == {"ok"}
+    with paths["summary.csv"].open() as f:
+        groups = list(csv.DictReader(f))
+    assert [(g["model"], g["n"], g["seeds"]) for g in groups] == [
+        ("litecnn", "2", "0;1"),
+        ("mobilenetv3", "2", "0;1"),
+    ]
+    assert float(groups[0]["test_auc"]) == pytest.approx(summary[0]["test_auc"])
+    md = paths["summary.md"].read_text()
+    assert "## cnn" in md and "| Pareto |" in md
+    for g in summary:
+        cell = f"{g['test_auc']:.3f} ± {g['test_auc_std']:.3f}"
+        assert any(
+            line.startswith(f"| {g['model']} | none |") and cell in line for line in md.splitlines()
+        )
+    # litecnn is smaller than mobilenetv3, so it is on the AUC-vs-params front whatever the AUCs
+    assert summary[0]["pareto_params"] or summary[0]["test_auc"] < summary[1]["test_auc"]
+
+
+def test_pareto_plot_is_a_png(sweep: Path, tmp_path: Path) -> None:
+    out = plot_pareto(summarise(collect(sweep)), tmp_path / "pareto.png")
+    assert out == tmp_path / "pareto.png"
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_select_on_the_real_sweep(sweep: Path) -> None:
+    summary = summarise(collect(sweep))
+    choice = select(summary, ["params<1e6"])  # litecnn ~0.49 M, mobilenetv3 ~1.5 M
+    assert choice["best"]["model"] == "litecnn" and len(choice["candidates"]) == 1
+    assert select(summary, ["params<1M", "model==litecnn"])["best"]["model"] == "litecnn"
+    both = select(summary, ["size_mb<=100"])
+    assert len(both["candidates"]) == 2
+    assert both["best"]["test_auc"] == max(g["test_auc"] for g in summary)
+    assert select(summary, ["size_mb<=0.01"]) is None
+
+
+def test_corrupt_results_are_skipped_with_a_warning(sweep: Path, tmp_path: Path, caplog) -> None:
+    tree = _copy(sweep, tmp_path / "sweep")
+    half = tree / "4_litecnn_synthlesion_none_seed2" / "results.json"
+    half.parent.mkdir()
+    half.write_text('{"status": "ok", "model": {"name": "lite')  # a write cut short
+    other = tree / "5_notes" / "results.json"
+    other.parent.mkdir()
+    other.write_text("[1, 2]")
+    with caplog.at_level(logging.WARNING, logger="medlite.sweeps.aggregate"):
+        records = collect(tree)
+    assert sorted(r["job"] for r in records) == JOBS
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert str(half) in warned and str(other) in warned
+
+
+def test_failed_jobs_are_counted_and_listed(sweep: Path, tmp_path: Path) -> None:
+    tree = _copy(sweep, tmp_path / "sweep")
+    # failed during training (pipeline): same configuration as litecnn, no test/efficiency
+    crashed = json.loads((tree / JOBS[0] / "results.json").read_text())
+    for key in ("test", "val", "efficiency", "best_checkpoint"):
+        crashed.pop(key, None)
+    crashed.update(status="failed", seed=2, error="training loss became NaN at step 3\ndetails")
+    (tree / "4_litecnn_synthlesion_none_seed2").mkdir()
+    (tree / "4_litecnn_synthlesion_none_seed2" / "results.json").write_text(json.dumps(crashed))
+    # failed before training (medlite.cli records a stub): a group with no successful run
+    stub = {
+        "status": "failed",
+        "error": "compress=prune cannot prune vim (state-space blocks)",
+        "failed_before_training": True,
+        "model": {"name": "vim", "arch": "vim_tiny", "paradigm": "linear"},
+        "compress": {"name": "prune"},
+        "data": {"flag": "synthlesion", "size": 28},
+        "seed": 0,
+    }
+    (tree / "5_vim_synthlesion_prune_seed0").mkdir()
+    (tree / "5_vim_synthlesion_prune_seed0" / "results.json").write_text(json.dumps(stub))
+
+    clean = {g["model"]: g for g in summarise(collect(sweep))}
+    summary = {g["model"]: g for g in summarise(collect(tree))}
+    lite = summary["litecnn"]
+    assert (lite["n"], lite["n_failed"], lite["seeds"]) == (2, 1, [0, 1])
+    assert lite["test_auc"] == clean["litecnn"]["test_auc"]  # the failure changes no mean
+    vim = summary["vim"]
+    assert (vim["paradigm"], vim["n"], vim["n_failed"], vim["test_auc"]) == ("linear", 0, 1, None)
+    assert not vim["pareto_latency"] and not vim["pareto_params"]
+    assert select(list(summary.values()), [])["best"]["model"] != "vim"
+
+    proc = _script(tree, "--out", tmp_path / "agg")
+    assert proc.returncode == 0, proc.stderr
+    out = " ".join(proc.stdout.split())
+    assert "6 job(s): 4 succeeded, 2 failed" in out
+    assert "failed: 4_litecnn_synthlesion_none_seed2: training loss became NaN at step 3" in out
+    assert "failed: 5_vim_synthlesion_prune_seed0: compress=prune cannot prune vim" in out
+    assert "details" not in out  # first line of the error only
+    md = (tmp_path / "agg" / "summary.md").read_text()
+    assert "## linear" in md and "## Failed jobs" in md
+
+
+# --------------------------------------------------------------------------- hand-made
+
+
+def test_pareto_front_dominance_and_ties() -> None:
+    pts = [
+        {"auc": 0.90, "cost": 10},  # 0 front
+        {"auc": 0.80, "cost": 5},  # 1 front
+        {"auc": 0.80, "cost": 7},  # 2 same AUC as 1, costlier: dominated
+        {"auc": 0.70, "cost": 5},  # 3 same cost as 1, worse: dominated
+        {"auc": 0.95, "cost": 20},  # 4 front
+        {"auc": 0.85, "cost": 30},  # 5 dominated by 4
+        {"auc": 0.80, "cost": 5},  # 6 identical to 1: both kept
+        {"auc": None, "cost": 1},  # 7 undefined AUC: left out
+        {"auc": 0.60, "cost": 1},  # 8 cheapest: front
+        {"auc": float("nan"), "cost": 0},  # 9 NaN: left out
+        {"auc": 0.99},  # 10 no cost: left out
+    ]
+    assert pareto_front(pts, "auc", "cost") == [8, 1, 6, 0, 4]
+    assert pareto_front(list(reversed(pts)), "auc", "cost") == [2, 4, 9, 10, 6]
+    assert pareto_front([], "auc", "cost") == []
+    assert pareto_front([{"auc": 0.5, "cost": 3}], "auc", "cost") == [0]
+
+
+def test_one_seed_has_no_std_and_seeds_sort_numerically() -> None:
+    base = {"paradigm": "cnn", "model": "m", "compress": "none", "data": "d", "size": 28}
+    records = [
+        {**base, "seed": 10, "status": "ok", "test_auc": 0.8},
+        {**base, "seed": 2, "status": "ok", "test_auc": 0.6},
+        {**base, "model": "solo", "seed": 0, "status": "ok", "test_auc": 0.7},
+    ]
+    groups = {g["model"]: g for g in summarise(records)}
+    assert groups["m"]["seeds"] == [2, 10]
+    assert groups["m"]["test_auc_std"] == pytest.approx(np.std([0.8, 0.6], ddof=1))
+    assert (groups["solo"]["n"], groups["solo"]["test_auc"]) == (1, 0.7)
+    assert groups["solo"]["test_auc_std"] is None
+
+
+def _group(model: str, auc: float, latency: float, size_mb: float, params: int) -> dict:
+    return {
+        "paradigm": "cnn",
+        "model": model,
+        "compress": "none",
+        "data": "breastmnist",
+        "size": 28,
+        "n": 3,
+        "test_auc": auc,
+        "test_auc_std": 0.01,
+        "latency_ms": latency,
+        "size_mb": size_mb,
+        "params": params,
+    }
+
+
+SUMMARY = [
+    _group("big", 0.92, 20.0, 40.0, 11_000_000),
+    _group("mid", 0.88, 4.0, 3.5, 900_000),
+    _group("small", 0.85, 1.5, 0.5, 120_000),
+    _group("tie", 0.85, 1.0, 0.6, 130_000),  # same AUC as small, faster: preferred
+    {**_group("broken", 0.0, 0.0, 0.0, 0), "n": 0, "test_auc": None},
+]
+
+
+def test_select_best_auc_within_a_budget() -> None:
+    assert select(SUMMARY, [])["best"]["model"] == "big"
+    choice = select(SUMMARY, ["latency_ms<=5", "size_mb<=4"])
+    assert choice["best"]["model"] == "mid"
+    assert [g["model"] for g in choice["candidates"]] == ["mid", "tie", "small"]
+    assert choice["constraints"] == ["latency_ms<=5", "size_mb<=4"]
+    assert select(SUMMARY, ["size_mb<2"])["best"]["model"] == "tie"
+    assert select(SUMMARY, ["params<1e6", "auc>=0.86"])["best"]["model"] == "mid"
+    assert select(SUMMARY, ["latency<2", "acc>0.5"]) is None  # no ACC recorded: never fits
+    assert select(SUMMARY, ["latency_ms<1"]) is None
+    assert select(SUMMARY, ["model!=big", "params>=500k"])["best"]["model"] == "mid"
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("latency_ms=<5", "malformed"),
+        ("latency_ms<=", "malformed"),
+        ("lat<=5", "unknown key 'lat'.*latency_ms.*size_mb"),
+        ("params<=many", "not a number"),
+        ("model<=litecnn", "use == or !="),
+    ],
+)
+def test_bad_constraints_are_config_errors(text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        select(SUMMARY, [text])
+
+
+def test_constraint_parsing() -> None:
+    c = parse_constraint(" auc >= 0.85 ")
+    assert (c.key, c.op, c.value, str(c)) == ("test_auc", ">=", 0.85, "test_auc>=0.85")
+    assert parse_constraint("params<1.5M").value == 1.5e6
+    assert parse_constraint("data==breastmnist").value == "breastmnist"
+    assert not math.isnan(parse_constraint("size==28").value)
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def test_script_writes_everything_and_selects(sweep: Path, tmp_path: Path) -> None:
+    out = tmp_path / "agg"
+    proc = _script(sweep, "--out", out, "--select", "params<1e6", "size_mb<=2")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "4 job(s): 4 succeeded, 0 failed" in text
+    assert "selected for params<1e6 and size_mb<=2: litecnn/none" in text
+    assert "litecnn" in text and "mobilenetv3" in text  # the summary table
+    for name in ("aggregate.csv", "summary.csv", "summary.md", "pareto.png"):
+        assert (out / name).stat().st_size > 0, name
+
+    proc = _script(sweep, "--out", out, "--select", "latency_ms<=0.001")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "no model meets the budget latency_ms<=0.001" in text
+    assert "latency_ms<=0.001: 0 of 2 group(s)" in text
+
+
+def test_script_default_out_dir(sweep: Path, tmp_path: Path) -> None:
+    tree = _copy(sweep, tmp_path / "sweep")
+    assert _script(tree).returncode == 0
+    assert (tree / "aggregate" / "summary.md").exists()
+    assert len(collect(tree)) == 4  # its own outputs are not mistaken for runs
+
+
+def test_script_errors_are_one_line_and_exit_1(sweep: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    for args in (
+        [tmp_path / "empty"],
+        [tmp_path / "missing"],
+        [sweep, "--out", tmp_path / "agg", "--select", "lat<=5"],
+    ):
+        proc = _script(*args)
+        assert proc.returncode == 1, args
+        assert "medlite: ConfigError" in proc.stderr and "Traceback" not in proc.stderr
+    assert "no readable results.json" in _script(tmp_path / "empty").stderr
+    assert not (tmp_path / "agg").exists()  # a bad constraint fails before writing anything
