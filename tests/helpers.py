@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
@@ -64,3 +65,57 @@ def wandb_offline_records(path: Path) -> list:
             records.append(rec)
             chunk = b""
     return records
+
+
+def write_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    frames: int = 1,
+    **attrs,
+) -> Path:
+    """A minimal Secondary Capture DICOM file as a user's tool would write it."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OT"
+    rgb = photometric in ("RGB", "YBR_FULL")
+    ds.Rows, ds.Columns = pixels.shape[-3:-1] if rgb else pixels.shape[-2:]
+    ds.SamplesPerPixel = 3 if rgb else 1
+    if rgb:
+        ds.PlanarConfiguration = 0
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.PhotometricInterpretation = photometric
+    ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def subprocess_env(root: Path) -> dict[str, str]:
+    """Environment for a ``train.py`` subprocess in tests: caches and W&B under ``root``, W&B
+    offline, one thread per job (two threads thrash on a busy 2-core machine)."""
+    import os
+
+    return os.environ | {
+        "MEDLITE_CACHE_DIR": str(root / "cache"),
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(root / "wandb"),
+        "WANDB_CACHE_DIR": str(root / "wandb"),
+        "WANDB_CONFIG_DIR": str(root / "wandb"),
+        "OMP_NUM_THREADS": "1",
+    }

@@ -16,30 +16,9 @@ from medlite.deploy.commands import main_predict
 from medlite.deploy.onnx import OrtModel
 from medlite.deploy.predict import Predictor
 from medlite.deploy.run_dir import TrainedRun
+from tests.helpers import write_dicom
 
 N = 6
-
-
-def _write_dicom(img: np.ndarray, path: Path) -> None:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = (
-        meta.MediaStorageSOPClassUID,
-        meta.MediaStorageSOPInstanceUID,
-    )
-    ds.Modality = "US"
-    ds.Rows, ds.Columns = img.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.PixelData = np.ascontiguousarray(img).tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +36,7 @@ def image_folder(tmp_path: Path, test_images) -> Path:
         if i % 3 == 0:
             Image.fromarray(img).save(folder / f"img{i}.png")
         elif i % 3 == 1:
-            _write_dicom(img, folder / "dicom" / f"img{i}.dcm")
+            write_dicom(folder / "dicom" / f"img{i}.dcm", img)
         else:
             nib.save(nib.Nifti1Image(img.T, np.eye(4)), folder / f"img{i}.nii.gz")
     return folder

@@ -9,13 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.pixels import convert_color_space
 from pydicom.uid import (
-    ExplicitVRLittleEndian,
     JPEGLSLossless,
-    SecondaryCaptureImageStorage,
-    generate_uid,
 )
 
 from medlite.data.transforms import Preprocess
@@ -27,6 +24,7 @@ from medlite.deploy.readers import (
     read_image,
 )
 from medlite.errors import DataError
+from tests.helpers import write_dicom
 
 
 @pytest.fixture(scope="module")
@@ -48,41 +46,6 @@ def colour_image(shared_data: Path) -> np.ndarray:
         image = npz["test_images"][0]
     assert image.shape == (28, 28, 3) and not np.array_equal(image[..., 0], image[..., 1])
     return image
-
-
-def write_dicom(
-    path: Path,
-    pixels: np.ndarray,
-    photometric: str = "MONOCHROME2",
-    frames: int = 1,
-    **attrs,
-) -> Path:
-    """A minimal Secondary Capture DICOM file as a user's tool would write it."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "OT"
-    rgb = photometric in ("RGB", "YBR_FULL")
-    ds.Rows, ds.Columns = pixels.shape[-3:-1] if rgb else pixels.shape[-2:]
-    ds.SamplesPerPixel = 3 if rgb else 1
-    if rgb:
-        ds.PlanarConfiguration = 0
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def write_nifti(path: Path, data: np.ndarray) -> Path:

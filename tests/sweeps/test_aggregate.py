@@ -26,6 +26,7 @@ from medlite.sweeps.aggregate import (
     summarise,
     write_tables,
 )
+from tests.helpers import subprocess_env
 
 REPO = Path(__file__).resolve().parents[2]
 JOBS = [
@@ -41,13 +42,7 @@ def sweep(tmp_path_factory) -> Path:
     """A real 2 models x 2 seeds multirun of train.py on the embedded synthetic data.
     One thread per job: on a busy 2-core machine two threads per job thrash (minutes, not s)."""
     root = tmp_path_factory.mktemp("aggsweep")
-    env = os.environ | {
-        "MEDLITE_CACHE_DIR": str(root / "cache"),
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "WANDB_DIR": str(root / "wandb"),
-        "OMP_NUM_THREADS": "1",
-    }
+    env = subprocess_env(root)
     cmd = [
         sys.executable,
         "train.py",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from tests.helpers import CONF_DIR, wandb_offline_records
+from tests.helpers import CONF_DIR, subprocess_env, wandb_offline_records
 
 REPO = CONF_DIR.parent
 
@@ -22,15 +21,7 @@ def failing_sweep(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     three jobs train; EfficientViT-M + structured pruning is a combination medlite refuses
     (Torch-Pruning breaks its cascaded attention) and must fail on its own."""
     root = tmp_path_factory.mktemp("sweep")
-    env = os.environ | {
-        "MEDLITE_CACHE_DIR": str(root / "cache"),
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "WANDB_DIR": str(root / "wandb"),
-        "WANDB_CACHE_DIR": str(root / "wandb"),
-        "WANDB_CONFIG_DIR": str(root / "wandb"),
-        "OMP_NUM_THREADS": "1",  # tiny jobs: a second thread only thrashes a busy machine
-    }
+    env = subprocess_env(root)
     cmd = [
         sys.executable,
         "train.py",
