@@ -7,12 +7,9 @@ profile -> results.json -> [export with parity checks and the model card (``expo
 
 from __future__ import annotations
 
-import csv
 import logging
 import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -26,9 +23,17 @@ from medlite.compress.teacher import obtain_teacher, plan_teacher
 from medlite.data.datamodule import MedMNISTDataModule
 from medlite.deploy.export import export_run, settings_from_config
 from medlite.efficiency import profile_model, profile_settings
-from medlite.errors import ConfigError, MedliteError, TrainingError
+from medlite.errors import MedliteError, TrainingError
 from medlite.models import count_parameters, create_model
 from medlite.results import git_revision, package_versions, print_summary, write_json
+from medlite.resume import (
+    Resume,
+    _hydra_task_overrides,
+    _leave_hydra_run_dir,
+    _metrics_before,
+    _restore_csv_metrics,
+    prepare_resume,
+)
 from medlite.training import instantiate_group, train_phase
 
 log = logging.getLogger(__name__)
@@ -94,214 +99,6 @@ def _clean_failed_start(output_dir: Path, log_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------- resuming a run
-
-# The only overrides ``resume=<run dir>`` accepts: where this machine keeps data and caches, and
-# how errors print. Everything else comes from the run's saved config.
-RESUME_SAFE_OVERRIDES = ("show_traceback", "paths.data_dir", "paths.cache_dir")
-
-
-@dataclass
-class Resume:
-    """Where a killed run is continued from."""
-
-    run_dir: Path
-    checkpoint: Path
-    epoch: int  # last completed epoch in the checkpoint
-    global_step: int  # logger step at that point: metrics logged from here on are redone
-    wandb_id: str | None = None
-    earlier: tuple = ()  # resume records of earlier attempts (a failed results.json)
-
-    def record(self) -> dict:
-        return {
-            "checkpoint": str(self.checkpoint),
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "at": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-
-
-def _hydra_task_overrides() -> list[str] | None:
-    """The command-line overrides of this Hydra job; None outside Hydra (in-process callers)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if HydraConfig.initialized():
-            return list(HydraConfig.get().overrides.task)
-    except Exception:  # noqa: BLE001 - no Hydra app, no overrides to check
-        pass
-    return None
-
-
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("~+")
-
-
-def prepare_resume(
-    cfg: DictConfig, overrides: Sequence[str] | None = None
-) -> tuple[DictConfig, Resume]:
-    """``cfg.resume`` (a run directory) -> (that run's saved config, pointed at that directory;
-    where to continue from). Raises ConfigError, before any work, for an override other than
-    :data:`RESUME_SAFE_OVERRIDES` (``overrides``: the command line's, when known), a missing or
-    finished run, a run without ``checkpoints/last.ckpt``, or one with a compression recipe."""
-    from medlite.results import read_json
-
-    given = str(cfg.resume)
-    extra = [
-        o for o in overrides or () if _override_key(o) not in ("resume", *RESUME_SAFE_OVERRIDES)
-    ]
-    if extra:
-        raise ConfigError(
-            f"resume={given} continues a run with its own saved config; drop {', '.join(extra)} "
-            f"(only {', '.join(RESUME_SAFE_OVERRIDES)} may be given with resume; to change "
-            "anything else, start a new run)"
-        )
-    run_dir = Path(given).expanduser().resolve()
-    if not run_dir.is_dir():
-        raise ConfigError(f"resume={given}: no such run directory")
-    saved_path = run_dir / ".hydra" / "config.yaml"
-    if not saved_path.is_file():
-        raise ConfigError(
-            f"resume={given} is not a medlite run directory (no .hydra/config.yaml in {run_dir})"
-        )
-    earlier: tuple = ()
-    results_path = run_dir / "results.json"
-    if results_path.is_file():
-        try:
-            previous = read_json(results_path)
-        except ValueError:
-            previous = {}
-        if previous.get("status") == "ok":
-            raise ConfigError(
-                f"resume={given}: this run already finished (results.json status ok); "
-                "nothing to resume"
-            )
-        earlier = tuple(previous.get("resumed") or ())
-    saved = OmegaConf.load(saved_path)
-    if saved.get("resume"):
-        raise ConfigError(
-            f"{saved_path} is the config of a resume command, not of the run: was hydra.run.dir "
-            "pointed at the run being resumed? Its original config is lost; start a new run"
-        )
-    compress = OmegaConf.select(saved, "compress.name", default="none")
-    if compress != "none" or OmegaConf.select(saved, "compress.steps"):
-        raise ConfigError(
-            f"resume={given}: runs with a compression recipe (compress={compress}) can't be "
-            "resumed (each phase has its own checkpoints); start the run again"
-        )
-    checkpoint = run_dir / "checkpoints" / "last.ckpt"
-    if not checkpoint.is_file():
-        raise ConfigError(
-            f"resume={given}: no checkpoints/last.ckpt (the run stopped before its first epoch "
-            "ended); start the run again"
-        )
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-        epoch = int(state["epoch"])
-        loop = state.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
-        step = int(loop.get("_batches_that_stepped", state["global_step"]))
-    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is the same user problem
-        raise ConfigError(
-            f"resume={given}: {checkpoint} can't be read ({type(err).__name__}: {err})"
-        ) from None
-    with open_dict(saved):
-        saved.resume = None
-        saved.paths.output_dir = str(run_dir)
-        for key in RESUME_SAFE_OVERRIDES:
-            if any(_override_key(o) == key for o in overrides or ()):
-                OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
-    wandb_id = _wandb_run_id(saved, run_dir)
-    OmegaConf.set_struct(saved, True)  # as Hydra hands it over: a typo'd key raises
-    return saved, Resume(run_dir, checkpoint, epoch, step, wandb_id, earlier)
-
-
-def _wandb_run_id(cfg: DictConfig, run_dir: Path) -> str | None:
-    """Point the run's W&B logger (if any) at its earlier W&B run, whose id ends the name of
-    the run folder W&B wrote: ``<run dir>/wandb/offline-run-<date>-<id>`` (or ``run-...``)."""
-    group = cfg.get("logger") or {}
-    for name, spec in group.items():
-        if not spec or not str(spec.get("_target_", "")).endswith("WandbLogger"):
-            continue
-        run_id = spec.get("id")
-        if not run_id:
-            folders = sorted(
-                (p for p in (run_dir / "wandb").glob("*run-*-*") if p.is_dir()),
-                key=lambda p: p.name.split("run-", 1)[1],
-            )
-            run_id = folders[-1].name.rsplit("-", 1)[1] if folders else None
-        if run_id:
-            with open_dict(cfg):
-                cfg.logger[name].id = run_id
-                cfg.logger[name].resume = "allow"
-        return run_id
-    return None
-
-
-def _leave_hydra_run_dir(run_dir: Path, log_dir: Path) -> None:
-    """Hydra gave this ``resume`` command a fresh run directory (``.hydra/`` and ``train.log``):
-    log to the resumed run's ``train.log`` instead, and remove the fresh one."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if not HydraConfig.initialized():
-            return
-        fresh = Path(HydraConfig.get().runtime.output_dir).resolve()
-    except Exception:  # noqa: BLE001 - outside Hydra nothing was created
-        return
-    if fresh == run_dir:
-        return
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).parent == fresh:
-            moved = logging.FileHandler(
-                run_dir / Path(handler.baseFilename).name, mode="a", encoding=handler.encoding
-            )
-            moved.setFormatter(handler.formatter)
-            moved.setLevel(handler.level)
-            root.removeHandler(handler)
-            handler.close()
-            root.addHandler(moved)
-    _clean_failed_start(fresh, log_dir)
-
-
-def _metrics_before(path: Path, resume: Resume) -> tuple[list[str], list[dict]] | None:
-    """The rows of an interrupted run's metrics.csv logged up to its checkpoint (later ones are
-    logged again); None when there is no file."""
-    if not path.is_file():
-        return None
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        header = list(reader.fieldnames or [])
-
-    def before(row: dict) -> bool:
-        try:
-            epoch, step = row.get("epoch") or "", row.get("step") or ""
-            if epoch and int(float(epoch)) > resume.epoch:
-                return False
-            return not step or int(float(step)) < resume.global_step
-        except ValueError:  # a line cut short by the kill
-            return False
-
-    return header, [r for r in rows if before(r)]
-
-
-def _restore_csv_metrics(loggers: list, path: Path, header: list[str], rows: list[dict]) -> None:
-    """Lightning's CSVLogger deletes an existing metrics.csv when it starts: put back the rows
-    logged before the checkpoint so the resumed run appends to them."""
-    from pytorch_lightning.loggers import CSVLogger
-
-    for lg in loggers:
-        if not isinstance(lg, CSVLogger):
-            continue
-        writer = lg.experiment  # created now: the old file is gone
-        if Path(writer.metrics_file_path).resolve() != path.resolve():
-            continue
-        keys = sorted(set(writer.metrics_keys) | set(header))  # the writer's column order
-        with path.open("w", newline="") as f:
-            out = csv.DictWriter(f, fieldnames=keys)
-            out.writeheader()
-            out.writerows({k: v for k, v in row.items() if k in keys} for row in rows)
-        writer.metrics_keys = keys
 
 
 def _finish_wandb(loggers: list, results: dict) -> None:
@@ -437,7 +234,6 @@ def run_with_overrides(output_dir: str | Path, overrides: list[str], reuse: bool
     """Compose ``conf/train.yaml`` with ``overrides`` and run it into ``output_dir``, in this
     process (benchmark scripts); returns its results.json. ``reuse``: keep a finished run."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
 
     from medlite.results import read_json
 

@@ -17,7 +17,8 @@ import torch
 from omegaconf import OmegaConf
 
 from medlite.errors import ConfigError
-from medlite.pipeline import prepare_resume, run
+from medlite.pipeline import run
+from medlite.resume import prepare_resume
 from tests.helpers import make_cfg
 
 REPO = Path(__file__).resolve().parents[1]
