@@ -30,6 +30,9 @@ _PACKAGES = (
     "medmnist",
     "wandb",
     "numpy",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
 )
 
 

@@ -148,7 +148,6 @@ def benchmark_run(
         "settings": asdict(settings),
         "rows": rows,
     }
-    write_json(run.export_dir / "benchmark.json", record)
     try:
         record["plot"] = str(plot_latency(record, run.export_dir / "benchmark.png"))
     except Exception as err:  # noqa: BLE001 - the numbers matter more than the picture

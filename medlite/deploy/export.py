@@ -251,7 +251,7 @@ def export_run(
         "settings": asdict(settings),
         "status": "failed" if problems else "ok",
         "problems": problems,
-        "versions": package_versions() | _runtime_versions(),
+        "versions": package_versions(),
         "wall_time_s": round(time.time() - start, 2),
     }
     try:
@@ -288,15 +288,3 @@ def _previous_formats(out: Path, now: dict[str, dict]) -> dict[str, dict]:
         and (entry.get("parity") or {}).get("ok")
         and Path(entry.get("path", "")).is_file()
     }
-
-
-def _runtime_versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out = {}
-    for name in ("onnx", "onnxruntime", "onnxscript"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
