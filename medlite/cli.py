@@ -9,17 +9,8 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.markup import escape
 
+from medlite.config import in_multirun
 from medlite.errors import MedliteError
-
-
-def _is_multirun() -> bool:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
-        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    except Exception:  # noqa: BLE001 - outside Hydra there is no multirun
-        return False
 
 
 def quiet_third_party() -> None:
@@ -90,7 +81,7 @@ def train(cfg: DictConfig) -> float | None:
     from medlite.pipeline import run
 
     quiet_third_party()
-    multirun = _is_multirun()
+    multirun = in_multirun()
     try:
         return run(cfg)
     except MedliteError as err:

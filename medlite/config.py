@@ -12,17 +12,24 @@ from medlite.errors import ConfigError
 from medlite.models.registry import PARADIGMS
 
 
-def run_group(task_name: str) -> str:
-    """W&B group of a run: its sweep (``<task>-<sweep dir name>``) for a multirun job, so a
-    sweep's jobs sit together; the task name for a single run."""
+def in_multirun() -> bool:
+    """True inside a job of a Hydra multirun (``-m``)."""
     try:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-            return f"{task_name}-{Path(HydraConfig.get().sweep.dir).name}"
-    except Exception:  # noqa: BLE001 - outside Hydra (tests, scripts) there is no sweep
-        pass
+        return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    except Exception:  # noqa: BLE001 - outside Hydra (tests, scripts) there is no multirun
+        return False
+
+
+def run_group(task_name: str) -> str:
+    """W&B group of a run: its sweep (``<task>-<sweep dir name>``) for a multirun job, so a
+    sweep's jobs sit together; the task name for a single run."""
+    if in_multirun():
+        from hydra.core.hydra_config import HydraConfig
+
+        return f"{task_name}-{Path(HydraConfig.get().sweep.dir).name}"
     return task_name
 
 

@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medlite import config as config_checks
+from medlite import ddp
 from medlite.compress import RunContext, build_steps
 from medlite.compress.recipe import check_recipe, run_recipe
 from medlite.compress.teacher import obtain_teacher, plan_teacher
@@ -34,6 +35,7 @@ from medlite.resume import (
     _restore_csv_metrics,
     prepare_resume,
 )
+from medlite.sweeps.placement import place_job, placement_record
 from medlite.training import instantiate_group, train_phase
 
 log = logging.getLogger(__name__)
@@ -116,6 +118,7 @@ def run(cfg: DictConfig) -> float:
     start = time.time()
     output_dir = Path(cfg.paths.output_dir)
     resume: Resume | None = None
+    secondary = ddp.is_secondary_rank()  # a DDP rank > 0: trains, records nothing
     try:
         if cfg.get("resume"):
             log_dir = Path(cfg.paths.log_dir)
@@ -130,6 +133,8 @@ def run(cfg: DictConfig) -> float:
                 resume.global_step,
             )
         config_checks.validate(cfg)
+        processes = ddp.prepare(cfg, multirun=config_checks.in_multirun())
+        placement = place_job(cfg)  # parallel multirun jobs: threads, GPU
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         dm = build_datamodule(cfg)
         dm.setup()  # fails now, not mid-training, on a missing or corrupt file
@@ -148,6 +153,8 @@ def run(cfg: DictConfig) -> float:
         teacher_plan = plan_teacher(cfg) if needs_teacher else None
     except MedliteError:
         target = resume.run_dir if resume else cfg.get("resume")
+        if secondary:
+            raise
         if not target or Path(str(target)).expanduser().resolve() != output_dir.resolve():
             _clean_failed_start(output_dir, Path(cfg.paths.log_dir))  # never the resumed run
         raise
@@ -166,6 +173,7 @@ def run(cfg: DictConfig) -> float:
         "compress": {"name": cfg.compress.name, "steps": [s.kind for s in steps]},
         "data": dm.describe(),
         "seed": cfg.seed,
+        "job": {**placement_record(placement), "processes": processes},
         "versions": package_versions(),
         "git": git_revision(),
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -195,6 +203,7 @@ def run(cfg: DictConfig) -> float:
                 ckpt_path=resume.checkpoint if resume else None,
             )
             model = phase.module.model
+            results["job"]["world_size"] = phase.world_size
             results.update(best_checkpoint=phase.best_checkpoint, val=phase.val, test=phase.test)
             if cfg.profile.enabled:
                 results["efficiency"] = profile_model(
@@ -211,8 +220,9 @@ def run(cfg: DictConfig) -> float:
         raise
     finally:
         results["wall_time_s"] = round(time.time() - start, 2)
-        write_json(output_dir / "results.json", results)
-        _finish_wandb(loggers, results)
+        if not secondary:
+            write_json(output_dir / "results.json", results)
+            _finish_wandb(loggers, results)
     print_summary(results)
     if export_settings is not None:
         export_run(output_dir, export_settings)

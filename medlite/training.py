@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 
+from medlite import ddp
 from medlite.callbacks import NaNGuard
 from medlite.compress.base import LossTerm
 from medlite.modules import MedliteModule, module_class
@@ -34,6 +35,7 @@ class Phase:
     best_checkpoint: str | None
     val: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
+    world_size: int = 1  # processes that trained it (trainer=ddp)
 
 
 def instantiate_group(group: DictConfig | None) -> list:
@@ -152,13 +154,19 @@ def train_phase(
         logger=list(loggers) or False,
         **overrides,
     )
+    threads = torch.get_num_threads()
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    world_size = trainer.world_size
     best = checkpoint.best_model_path or None
+    if ddp.leave_after_fit(trainer, threads):  # rank 0 only from here: evaluate on one process
+        trainer = hydra.utils.instantiate(
+            cfg.trainer, logger=list(loggers) or False, **ddp.single_process_overrides()
+        )
     if best:  # the MedMNIST protocol: keep the checkpoint with the best validation AUC
         state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
         module.load_state_dict(state)
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    phase = Phase(module, best, val=dict(module.metrics.get("val", {})))
+    phase = Phase(module, best, val=dict(module.metrics.get("val", {})), world_size=world_size)
     if test:
         trainer.test(module, datamodule=datamodule, verbose=False)
         phase.test = dict(module.metrics.get("test", {}))
