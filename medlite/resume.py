@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -158,6 +159,11 @@ def _wandb_run_id(cfg: DictConfig, run_dir: Path) -> str | None:
             with open_dict(cfg):
                 cfg.logger[name].id = run_id
                 cfg.logger[name].resume = "allow"
+            # A W&B service inherited from a parent process (WANDB_SERVICE, set by any Python
+            # process that used wandb, e.g. a notebook or a test runner) may still hold the
+            # killed run's stream open and would refuse its id ("run ID is in use"): this run
+            # starts its own service.
+            os.environ.pop("WANDB_SERVICE", None)
         return run_id
     return None
 

@@ -110,7 +110,9 @@ def subprocess_env(root: Path) -> dict[str, str]:
     offline, one thread per job (two threads thrash on a busy 2-core machine)."""
     import os
 
-    return os.environ | {
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    # (this test process's W&B service, if an in-process test started one, is not theirs)
+    return env | {
         "MEDLITE_CACHE_DIR": str(root / "cache"),
         "WANDB_MODE": "offline",
         "WANDB_SILENT": "true",

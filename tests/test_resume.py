@@ -134,10 +134,17 @@ def _train_py(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow  # flaky in CI: the killed run's wandb-core may still hold the id ("run ID is in use")
+@pytest.mark.slow
 def test_sigkilled_cli_run_resumes_in_place_with_its_wandb_run(
     tmp_path: Path, reference: Path
 ) -> None:
+    """As from a notebook or test runner that used W&B: the runs inherit this process's W&B
+    service (WANDB_SERVICE), where the killed run's stream stays open; the resumed run must
+    still get its id back (not "run ID is in use")."""
+    import wandb
+
+    wandb.setup()
+    assert "WANDB_SERVICE" in os.environ
     out = tmp_path / "run"
     crash = CRASH.replace("batches: 2}", "batches: 2, sigkill: true}")
     proc = _train_py(tmp_path, [*ARGS, crash, "logger=wandb", f"hydra.run.dir={out}"])

@@ -50,8 +50,15 @@ class RunContext:
         x, _ = next(iter(self.datamodule.train_dataloader()))
         return x[:batch_size]
 
+    def capped_batches(self, n_batches: int) -> int:
+        """``n_batches`` of a step's own loop (pruning recovery, calibration), at most the run's
+        ``max_step_batches`` (set by smoke and debug configs to keep recipes quick)."""
+        cap = OmegaConf.select(self.cfg, "max_step_batches", default=None) if self.cfg else None
+        return int(n_batches) if cap is None else min(int(n_batches), max(1, int(cap)))
+
     def calibration_batches(self, n_batches: int) -> list[torch.Tensor]:
         """Input batches from the training split, without augmentation, for calibration."""
+        n_batches = self.capped_batches(n_batches)
         loader = self.datamodule.calibration_dataloader()
         out = []
         for x, _ in loader:

@@ -268,6 +268,7 @@ def recover(
     """A short plain fine-tune (AdamW, task loss) between pruning iterations; the mean loss."""
     if n_batches <= 0:
         return None
+    n_batches = ctx.capped_batches(n_batches)
     task = ctx.datamodule.task
     device = _device(model)
     params = [p for p in model.parameters() if p.requires_grad]

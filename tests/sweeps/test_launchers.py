@@ -43,6 +43,8 @@ def test_launcher_configs_compose_into_installed_launchers(launcher, target):
 def test_joblib_runs_parallel_jobs_as_one_knob_and_slurm_one_process_per_job():
     cfg = _compose("launcher=joblib", "parallel_jobs=3")
     assert cfg.hydra.launcher.n_jobs == 3 and cfg.parallel_jobs == 3
+    search = _compose("sweep=optuna_kd", "launcher=joblib", "parallel_jobs=3")
+    assert search.hydra.sweeper.n_jobs == 3  # Optuna proposes as many trials as run at once
     slurm = _compose("launcher=slurm", "hydra.launcher.partition=gpu")
     assert slurm.parallel_jobs == 1 and slurm.hydra.launcher.tasks_per_node == 1
     assert slurm.hydra.launcher.partition == "gpu"

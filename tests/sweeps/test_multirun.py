@@ -108,3 +108,15 @@ def test_sweep_configs_compose(sweep_cfg):
     assert [c.strip() for c in params.compress.split(",")] == ["none", "kd", "prune", "ptq"]
     if sweep_cfg.endswith("smoke"):
         assert cfg.trainer.max_epochs == 1 and cfg.data.size == 28 and cfg.max_phase_epochs == 1
+        assert cfg.max_step_batches == 2 and cfg.parallel_jobs == 2
+        assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+
+
+def test_the_command_line_launcher_wins_over_the_smoke_preset():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            overrides=["sweep=taxonomy_smoke", "launcher=local"],
+            return_hydra_config=True,
+        )
+    assert cfg.hydra.launcher._target_.endswith("BasicLauncher") and cfg.parallel_jobs == 1
