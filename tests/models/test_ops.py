@@ -65,6 +65,7 @@ def _run_scan(fn, inputs, opts, **kw):
             args[name] = leaves[name]
     y = fn(**args, delta_softplus=opts.get("softplus", False), **kw)
     weight = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)) / y.numel() ** 0.5
+    weight = weight.to(y.device)  # the same projection on CPU and CUDA
     used = [leaves[k] for k in args]
     grads = torch.autograd.grad((y.float() * weight).sum(), used)
     return y, dict(zip(args, grads, strict=True))
