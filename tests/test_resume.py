@@ -134,7 +134,6 @@ def _train_py(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow
 def test_sigkilled_cli_run_resumes_in_place_with_its_wandb_run(
     tmp_path: Path, reference: Path
 ) -> None:
