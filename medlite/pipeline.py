@@ -183,7 +183,7 @@ def run(cfg: DictConfig) -> float:
     try:
         for lg in loggers:
             lg.log_hyperparams(results["config"])
-        if kept_metrics is not None:
+        if kept_metrics is not None and not secondary:
             _restore_csv_metrics(loggers, output_dir / "metrics.csv", *kept_metrics)
         if steps:
             ctx = RunContext(cfg=cfg, datamodule=dm, output_dir=output_dir)

@@ -192,6 +192,8 @@ def _leave_hydra_run_dir(run_dir: Path, log_dir: Path) -> None:
             root.removeHandler(handler)
             handler.close()
             root.addHandler(moved)
+            # its few lines so far are the start-up; a DDP rank's log is not train.log
+            Path(handler.baseFilename).unlink(missing_ok=True)
     from medlite.pipeline import _clean_failed_start
 
     _clean_failed_start(fresh, log_dir)

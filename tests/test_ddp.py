@@ -80,3 +80,33 @@ def test_two_process_gloo_run_leaves_one_run_recorded_by_rank_zero(tmp_path):
     expected = compute_metrics(torch.cat(ys).numpy(), torch.cat(scores).numpy(), dm.task.type)
     assert res["test"]["auc"] == pytest.approx(expected["auc"], abs=1e-6)
     assert np.isfinite(res["efficiency"]["latency_ms"])
+
+
+@pytest.mark.slow
+def test_a_ddp_run_resumes_with_both_ranks_in_its_own_directory(tmp_path):
+    """A 2-process run stopped after its 2 epochs (its results.json removed, as a kill leaves
+    it) and given a third epoch: resume=<run dir> trains on 2 processes again, in place."""
+    env = subprocess_env(tmp_path)
+    run = tmp_path / "run"
+    cmd = [
+        sys.executable, "train.py", "trainer=ddp", "debug=limit", "callbacks=none",
+        f"hydra.run.dir={run}", f"paths.log_dir={tmp_path / 'outputs'}",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run / "results.json").unlink()
+    saved = run / ".hydra" / "config.yaml"
+    cfg = OmegaConf.load(saved)
+    cfg.trainer.max_epochs = cfg.max_phase_epochs = 3
+    OmegaConf.save(cfg, saved)
+
+    cmd = [sys.executable, str(REPO / "train.py"), f"resume={run}"]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    res = json.loads((run / "results.json").read_text())
+    assert res["status"] == "ok" and res["job"]["world_size"] == 2
+    assert res["resumed"][0]["epoch"] == 1  # continued after the 2nd epoch (0-based 1)
+    epochs = {int(row.split(",")[0]) for row in (run / "metrics.csv").read_text().splitlines()[1:]}
+    assert epochs == {0, 1, 2}
+    assert "MEMBER: 2/2" in (run / "train_ddp_process_1.log").read_text()
+    assert not [p for p in (tmp_path / "outputs").rglob("*") if p.is_file()], "no stray run dir"
