@@ -271,9 +271,21 @@ class OptunaSweeper(Sweeper):
                 [*fixed, *(f"{k}={_override_value(v)}" for k, v in t.params.items())]
                 for t in trials
             ]
-            self.validate_batch_is_legal(overrides)
-            jobs = self.launcher.launch(overrides, initial_job_idx=trials[0].number)
-            for trial, job in zip(trials, jobs, strict=True):
+            launch = []
+            for trial, trial_overrides in zip(trials, overrides, strict=True):
+                try:  # a proposal that does not compose (e.g. an unknown model) fails alone
+                    self.validate_batch_is_legal([trial_overrides])
+                except Exception as err:  # noqa: BLE001 - Hydra's composition errors vary
+                    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                    trial.set_user_attr("error", f"config does not compose: {first}")
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    log.warning("trial %d failed: %s", trial.number, trial.user_attrs["error"])
+                    continue
+                launch.append((trial, trial_overrides))
+            if not launch:
+                continue
+            jobs = self.launcher.launch([o for _, o in launch], initial_job_idx=launch[0][0].number)
+            for (trial, _), job in zip(launch, jobs, strict=True):
                 self._tell(study, trial, job, objectives)
             returns.append(jobs)
         print_study_report(write_study_report(study, objectives, sweep_dir), sweep_dir)

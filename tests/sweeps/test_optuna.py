@@ -214,3 +214,21 @@ def test_the_same_sweep_dir_continues_the_study(prune_search):
     study = optuna.load_study(study_name=sweep.name, storage=f"sqlite:///{sweep / 'optuna.db'}")
     assert len(study.trials) == 5
     assert Path(after[4]["job_dir"]).name.startswith("4_")  # job numbers continue too
+
+
+def test_proposals_that_do_not_compose_fail_alone_and_the_study_ends_cleanly(tmp_path):
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable, "train.py", "-m", "sweep=optuna_kd", "model=choice(nosuchmodel)",
+        "hydra.sweeper.n_trials=2", f"paths.log_dir={tmp_path / 'outputs'}",
+        f"hydra.sweep.dir={sweep}",
+    ]  # fmt: skip
+    env = subprocess_env(tmp_path)
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = _trials(sweep)
+    assert [r["state"] for r in rows] == ["FAIL", "FAIL"]
+    assert all("does not compose" in r["error"] and "nosuchmodel" in r["error"] for r in rows)
+    best = json.loads((sweep / "optuna_best.json").read_text())
+    assert best["best"] == [] and best["n_failed"] == 2
+    assert "no trial completed" in " ".join(done.stdout.split())
