@@ -89,15 +89,13 @@ def leave_after_fit(trainer, threads: int) -> bool:
     if trainer.world_size <= 1:
         return False
     trainer.strategy.barrier("medlite-fit-done")
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     if trainer.global_rank != 0:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
         log.info(
             "rank %d: training done; rank 0 evaluates and records the run", trainer.global_rank
         )
         sys.exit(0)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
     torch.set_num_threads(threads)
     return True
 

@@ -26,7 +26,7 @@ from medlite.deploy.export import export_run, settings_from_config
 from medlite.efficiency import profile_model, profile_settings
 from medlite.errors import MedliteError, TrainingError
 from medlite.models import count_parameters, create_model
-from medlite.results import git_revision, package_versions, print_summary, write_json
+from medlite.results import git_revision, lookup, package_versions, print_summary, write_json
 from medlite.resume import (
     Resume,
     _hydra_task_overrides,
@@ -230,8 +230,7 @@ def run(cfg: DictConfig) -> float:
 
 
 def _optimized(results: dict, metric: str) -> float:
-    split, name = metric.split("/")
-    value = (results.get(split) or {}).get(name)
+    value = lookup(results, metric)
     if value is None:
         raise TrainingError(f"optimized_metric {metric} was not computed in this run")
     return float(value)

@@ -102,6 +102,17 @@ def read_json(path: str | os.PathLike) -> dict:
     return json.loads(Path(path).read_text())
 
 
+def lookup(results: dict, path: str):
+    """A value of results.json by its slash path (``val/auc``, ``efficiency/macs``); None if
+    absent."""
+    value = results
+    for part in path.split("/"):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
 def print_summary(results: dict, console: Console | None = None) -> None:
     """The closing table of a run: test (and best validation) metrics, size, and where it all went."""
     console = console or Console()

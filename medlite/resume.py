@@ -137,6 +137,11 @@ def prepare_resume(
             if any(_override_key(o) == key for o in overrides or ()):
                 OmegaConf.update(saved, key, OmegaConf.select(cfg, key), force_add=True)
     wandb_id = _wandb_run_id(saved, run_dir)
+    if wandb_id:
+        # A W&B service inherited from a parent process (WANDB_SERVICE, set by any Python
+        # process that used wandb, e.g. a notebook or a test runner) may still hold the killed
+        # run's stream open and would refuse its id ("run ID is in use"): start our own.
+        os.environ.pop("WANDB_SERVICE", None)
     OmegaConf.set_struct(saved, True)  # as Hydra hands it over: a typo'd key raises
     return saved, Resume(run_dir, checkpoint, epoch, step, wandb_id, earlier)
 
@@ -159,11 +164,6 @@ def _wandb_run_id(cfg: DictConfig, run_dir: Path) -> str | None:
             with open_dict(cfg):
                 cfg.logger[name].id = run_id
                 cfg.logger[name].resume = "allow"
-            # A W&B service inherited from a parent process (WANDB_SERVICE, set by any Python
-            # process that used wandb, e.g. a notebook or a test runner) may still hold the
-            # killed run's stream open and would refuse its id ("run ID is in use"): this run
-            # starts its own service.
-            os.environ.pop("WANDB_SERVICE", None)
         return run_id
     return None
 

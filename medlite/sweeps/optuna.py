@@ -20,6 +20,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 
 from medlite.errors import ConfigError
+from medlite.results import lookup, read_json
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,13 @@ log = logging.getLogger(__name__)
 # :func:`register_with_hydra`.
 HYDRA_TARGET = "hydra_plugins.medlite.OptunaSweeper"
 
-SAMPLERS = ("tpe", "random", "qmc", "nsga2")
+# hydra.sweeper.sampler -> optuna.samplers class
+SAMPLERS = {
+    "tpe": "TPESampler",
+    "random": "RandomSampler",
+    "qmc": "QMCSampler",
+    "nsga2": "NSGAIISampler",
+}
 
 
 @dataclass
@@ -55,13 +63,8 @@ class Objective:
     direction: str = "maximize"
 
     def read(self, results: dict) -> float | None:
-        value: Any = results
-        for part in self.metric.split("/"):
-            if not isinstance(value, dict) or part not in value:
-                return None
-            value = value[part]
         try:
-            value = float(value)
+            value = float(lookup(results, self.metric))
         except (TypeError, ValueError):
             return None
         return value if math.isfinite(value) else None
@@ -179,15 +182,9 @@ def _override_value(value: Any) -> str:
 def _make_sampler(name: str, seed: int | None):
     import optuna
 
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "qmc":
-        return optuna.samplers.QMCSampler(seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    raise ConfigError(f"hydra.sweeper.sampler={name}: choose one of {', '.join(SAMPLERS)}")
+    if name not in SAMPLERS:
+        raise ConfigError(f"hydra.sweeper.sampler={name}: choose one of {', '.join(SAMPLERS)}")
+    return getattr(optuna.samplers, SAMPLERS[name])(seed=seed)
 
 
 class OptunaSweeper(Sweeper):
@@ -333,7 +330,7 @@ def _read_results(output_dir: Path | None) -> dict:
     if output_dir is None or not (output_dir / "results.json").is_file():
         return {}
     try:
-        return json.loads((output_dir / "results.json").read_text())
+        return read_json(output_dir / "results.json")
     except (OSError, ValueError):
         return {}
 
@@ -440,13 +437,7 @@ def _plot_history(trials, objectives: list[Objective], best, path: Path) -> None
         xs = [t.number for t in done]
         ys = [t.values[0] for t in done]
         ax.plot(xs, ys, "o", color="tab:blue", label="trial")
-        running, best_so_far = [], None
-        for y in ys:
-            better = best_so_far is None or (
-                y > best_so_far if o.direction == "maximize" else y < best_so_far
-            )
-            best_so_far = y if better else best_so_far
-            running.append(best_so_far)
+        running = list(accumulate(ys, max if o.direction == "maximize" else min))
         if xs:
             ax.step(xs, running, where="post", color="tab:orange", label="best so far")
         if failed:
