@@ -1,7 +1,9 @@
-"""Speed of medlite's selective scan and Bi-WKV: fast path vs the sequential / O(T^2) reference.
+"""Speed of medlite's selective scan and Bi-WKV: the PyTorch ("torch") and C ("C") fast paths vs
+the sequential / O(T^2) reference.
 
-Same process, same inputs; forward time is the median of several runs after a warm-up (the slow
-references get fewer runs). Prints a Rich table per op with the speed-up fast / reference.
+Same process, same inputs; each time is the median of several runs after a warm-up (the slow
+references get fewer runs). Prints a Rich table per op with the speed-ups against the reference.
+The C column is missing where the kernel cannot be built (the first line says why).
 
     python scripts/bench_scan.py            # L = 784 and 3136, D = 192 and 48, N = 16, batch 2
     python scripts/bench_scan.py --quick    # fewer repeats
@@ -26,6 +28,8 @@ from medlite.models.ops import (
     wkv_bidirectional,
     wkv_bidirectional_ref,
 )
+from medlite.models.ops.native import status as native_status
+from medlite.models.ops.selective_scan import native_kernel
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
@@ -71,18 +75,29 @@ def ratio(slow: float | None, fast: float | None) -> str:
     return "-" if slow is None or fast is None else f"{slow / fast:,.1f}x"
 
 
-def bench_op(name, make, fast, ref, sizes, args, ref_backward=True) -> Table:
-    table = Table(title=f"{name} (CPU, {torch.get_num_threads()} threads)")
-    for col in ("shape", "ref fwd ms", "fast fwd ms", "speed-up fwd", "max |diff|"):
-        table.add_column(col, justify="right")
-    for col in ("ref fwd+bwd ms", "fast fwd+bwd ms", "speed-up fwd+bwd"):
-        table.add_column(col, justify="right")
+def bench_op(name, make, impls, sizes, args, ref_backward=True) -> Table:
+    """One row per size: forward and forward+backward times of each implementation in ``impls``
+    (name -> function; "ref" first), with speed-ups against "ref"."""
+    table = Table(title=f"{name} (CPU, {torch.get_num_threads()} threads), times in ms")
+    names = list(impls)
+    fast = names[1:]
+    table.add_column("shape")
+    for kind in ("fwd", "fwd+bwd"):
+        for impl in names:
+            table.add_column(f"{impl} {kind}", justify="right")
+        for impl in fast:
+            table.add_column(f"{impl} {kind} speed-up", justify="right")
+    table.add_column("max |diff|", justify="right")
     for label, shape, long in sizes:
         x = make(*shape, grad=False)
+        fwd, bwd, diff = {}, {}, 0.0
         with torch.no_grad():
-            diff = (fast(*x) - ref(*x)).abs().max().item()
-            t_fast = median_time(lambda x=x: fast(*x), args.repeats)
-            t_ref = median_time(lambda x=x: ref(*x), 1 if long else args.ref_repeats, warmup=0)
+            expected = impls["ref"](*x)
+            for impl in fast:
+                diff = max(diff, (impls[impl](*x) - expected).abs().max().item())
+                fwd[impl] = median_time(lambda f=impls[impl], x=x: f(*x), args.repeats)
+            ref_runs = 1 if long else args.ref_repeats
+            fwd["ref"] = median_time(lambda x=x: impls["ref"](*x), ref_runs, warmup=0)
         xg = make(*shape, grad=True)
 
         def step(fn, xg=xg):
@@ -90,20 +105,16 @@ def bench_op(name, make, fast, ref, sizes, args, ref_backward=True) -> Table:
             for t in xg:
                 t.grad = None
 
-        t_fast_bwd = median_time(lambda: step(fast), args.repeats)
-        t_ref_bwd = None
+        for impl in fast:
+            bwd[impl] = median_time(lambda f=impls[impl]: step(f), args.repeats)
+        bwd["ref"] = None
         if ref_backward and not args.quick:
-            t_ref_bwd = median_time(lambda: step(ref), 1, warmup=0)
-        table.add_row(
-            label,
-            ms(t_ref),
-            ms(t_fast),
-            ratio(t_ref, t_fast),
-            f"{diff:.1e}",
-            ms(t_ref_bwd),
-            ms(t_fast_bwd),
-            ratio(t_ref_bwd, t_fast_bwd),
-        )
+            bwd["ref"] = median_time(lambda: step(impls["ref"]), 1, warmup=0)
+        row = [label]
+        for times in (fwd, bwd):
+            row += [ms(times[impl]) for impl in names]
+            row += [ratio(times["ref"], times[impl]) for impl in fast]
+        table.add_row(*row, f"{diff:.1e}")
     return table
 
 
@@ -120,19 +131,37 @@ def main() -> None:
     cli.repeats = 3 if cli.quick else 7
     cli.ref_repeats = 1 if cli.quick else 3
 
-    console = Console(width=160)
+    console = Console(width=240)
     console.print(
         f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, "
         f"load average {os.getloadavg()[0]:.1f}, chunk_size {cli.chunk_size}"
     )
 
-    def scan_fast(u, delta, A, B, C, D):
-        return selective_scan(
-            u, delta, A, B, C, D, delta_softplus=True, backend="fast", chunk_size=cli.chunk_size
-        )
+    def scan_with(backend):
+        def run(u, delta, A, B, C, D):
+            return selective_scan(
+                u, delta, A, B, C, D, delta_softplus=True, backend=backend,
+                chunk_size=cli.chunk_size,
+            )  # fmt: skip
+
+        return run
 
     def scan_ref(u, delta, A, B, C, D):
         return selective_scan_ref(u, delta, A, B, C, D, delta_softplus=True)
+
+    def wkv_with(backend):
+        def run(w, u, k, v):
+            return wkv_bidirectional(w, u, k, v, backend=backend, chunk_size=cli.chunk_size)
+
+        return run
+
+    native = native_kernel() is not None
+    console.print(f"C kernel: {native_status()}")
+    scan_impls = {"ref": scan_ref, "torch": scan_with("fast")}
+    wkv_impls = {"ref": wkv_bidirectional_ref, "torch": wkv_with("fast")}
+    if native:
+        scan_impls["C"] = scan_with("native")
+        wkv_impls["C"] = wkv_with("native")
 
     b = cli.batch
     scan_sizes = [
@@ -140,19 +169,13 @@ def main() -> None:
         for length in cli.lengths
         for dim in (192, 48)
     ]
-    console.print(bench_op("selective_scan", scan_inputs, scan_fast, scan_ref, scan_sizes, cli))
-
-    def wkv_fast(w, u, k, v):
-        return wkv_bidirectional(w, u, k, v, backend="fast", chunk_size=cli.chunk_size)
-
+    console.print(bench_op("selective_scan", scan_inputs, scan_impls, scan_sizes, cli))
     wkv_sizes = [
         (f"b{b} T{length} C192", (b, length, 192), length > 1000) for length in cli.lengths
     ]
     # No reference backward for WKV: autograd would keep every (batch, T, T, C) score block
     # (~1 GB per tensor at T = 784, ~15 GB at T = 3136).
-    table = bench_op(
-        "wkv_bidirectional", wkv_inputs, wkv_fast, wkv_bidirectional_ref, wkv_sizes, cli, False
-    )
+    table = bench_op("wkv_bidirectional", wkv_inputs, wkv_impls, wkv_sizes, cli, False)
     console.print(table)
 
 

@@ -40,6 +40,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from medlite.cache import cache_dir as medlite_cache_dir
 from medlite.errors import ConfigError, DataError
 
 __all__ = [
@@ -199,11 +200,6 @@ def download_url(flag: str, size: int) -> str:
 # --------------------------------------------------------------------------- md5 + its cache
 
 
-def _cache_dir() -> pathlib.Path:
-    """medlite's cache folder (``$MEDLITE_CACHE_DIR``, default ``~/.cache/medlite``)."""
-    return pathlib.Path(os.environ.get("MEDLITE_CACHE_DIR", "~/.cache/medlite")).expanduser()
-
-
 def _md5_of_file(path: str | os.PathLike) -> str:
     """MD5 hex digest of a file, read in chunks (tests monkeypatch this to spy on hashing)."""
     h = hashlib.md5(usedforsecurity=False)
@@ -222,7 +218,7 @@ def _cache_key(path: pathlib.Path) -> str | None:
 
 
 def _read_md5_cache() -> dict[str, str]:
-    cache_file = _cache_dir() / _MD5_CACHE_NAME
+    cache_file = medlite_cache_dir() / _MD5_CACHE_NAME
     try:
         data = json.loads(cache_file.read_text())
     except (OSError, ValueError):
@@ -242,7 +238,7 @@ def _remember_md5(path: pathlib.Path, md5: str) -> None:
     key = _cache_key(path)
     if key is None:
         return
-    cache_dir = _cache_dir()
+    cache_dir = medlite_cache_dir()
     cache = _read_md5_cache()
     # Drop stale entries for the same path (older size/mtime) so the file stays small.
     prefix = key.rsplit("|", 2)[0] + "|"
@@ -705,7 +701,11 @@ def load_splits(
             mmap = len(shape) >= 3 and shape[1] >= _MMAP_MIN_SIDE
         arrays = None
         if mmap:
-            root = pathlib.Path(cache_dir).expanduser() if cache_dir is not None else _cache_dir()
+            root = (
+                pathlib.Path(cache_dir).expanduser()
+                if cache_dir is not None
+                else medlite_cache_dir()
+            )
             arrays = _extract_and_mmap(path, root)
         if arrays is None:
             arrays = _load_in_memory(path)

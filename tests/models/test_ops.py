@@ -1,5 +1,6 @@
-"""medlite.models.ops: the fast selective scan and Bi-WKV against their sequential / O(T^2)
-references (outputs and gradients), stability, dtypes, backend dispatch and lazy mamba_ssm."""
+"""medlite.models.ops: the fast selective scan and Bi-WKV (PyTorch and C forward) against their
+sequential / O(T^2) references (outputs and gradients), stability, dtypes, backend dispatch and
+lazy mamba_ssm."""
 
 from __future__ import annotations
 
@@ -24,6 +25,14 @@ from medlite.models.ops import (
 ss_module = importlib.import_module("medlite.models.ops.selective_scan")
 
 TOL = 1e-4
+
+
+@pytest.fixture(params=["fast", "native"])
+def fast_backend(request):
+    """Both fast paths: PyTorch, and the C forward (skipped where it cannot be built)."""
+    if request.param == "native":
+        request.getfixturevalue("native_kernel")  # skips where it cannot be built
+    return request.param
 
 
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -71,9 +80,9 @@ def _run_scan(fn, inputs, opts, **kw):
     return y, dict(zip(args, grads, strict=True))
 
 
-def _assert_scan_close(inputs, opts, tol=TOL, **kw):
+def _assert_scan_close(inputs, opts, tol=TOL, backend="fast", **kw):
     y_ref, g_ref = _run_scan(selective_scan_ref, inputs, opts)
-    y_fast, g_fast = _run_scan(selective_scan, inputs, opts, backend="fast", **kw)
+    y_fast, g_fast = _run_scan(selective_scan, inputs, opts, backend=backend, **kw)
     assert y_fast.shape == y_ref.shape
     assert _max_err(y_fast, y_ref) <= tol
     for name in g_ref:
@@ -85,8 +94,8 @@ ALL_OPTS = {"D": True, "z": True, "delta_bias": True, "softplus": True}
 
 @pytest.mark.parametrize("length", [1, 7, 63, 64, 65, 127, 200])
 @pytest.mark.parametrize("bc", ["var", "group", "invariant", "mixed"])
-def test_fast_scan_matches_ref_all_options(length, bc):
-    _assert_scan_close(_scan_inputs(2, 4, 3, length, bc), ALL_OPTS)
+def test_fast_scan_matches_ref_all_options(length, bc, fast_backend):
+    _assert_scan_close(_scan_inputs(2, 4, 3, length, bc), ALL_OPTS, backend=fast_backend)
 
 
 @pytest.mark.parametrize(
@@ -95,54 +104,56 @@ def test_fast_scan_matches_ref_all_options(length, bc):
     ids=["plain", "D", "z", "bias", "softplus", "D+z"],
 )
 @pytest.mark.parametrize("length", [13, 97])
-def test_fast_scan_matches_ref_option_subsets(opts, length):
+def test_fast_scan_matches_ref_option_subsets(opts, length, fast_backend):
     inputs = _scan_inputs(2, 4, 3, length, "var", seed=length)
     if not opts.get("softplus"):  # keep delta >= 0 as Mamba's discretisation assumes
         inputs["delta"] = inputs["delta"].abs()
         inputs["delta_bias"] = inputs["delta_bias"].abs()
-    _assert_scan_close(inputs, opts)
+    _assert_scan_close(inputs, opts, backend=fast_backend)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 16, 64])
 @pytest.mark.parametrize("block_elements", [1, 100, 1 << 20])
-def test_fast_scan_chunking_and_blocks(chunk_size, block_elements, monkeypatch):
-    """Many blocks (each carrying its state into the next) and any chunk length agree."""
+def test_fast_scan_chunking_and_blocks(chunk_size, block_elements, monkeypatch, fast_backend):
+    """Many blocks (each carrying its state into the next) and any chunk length agree. With
+    the C forward, the gradients check the block start states it hands to the backward."""
     monkeypatch.setattr(ss_module, "_BLOCK_ELEMENTS", block_elements)
-    _assert_scan_close(_scan_inputs(2, 4, 3, 131, "group"), ALL_OPTS, chunk_size=chunk_size)
+    inputs = _scan_inputs(2, 4, 3, 131, "group")
+    _assert_scan_close(inputs, ALL_OPTS, chunk_size=chunk_size, backend=fast_backend)
 
 
-def test_last_state_matches_ref():
+def test_last_state_matches_ref(fast_backend):
     inputs = _scan_inputs(2, 4, 3, 45, "var")
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C")]
     y_ref, h_ref = selective_scan_ref(*args, delta_softplus=True, return_last_state=True)
-    y, h = selective_scan(*args, delta_softplus=True, return_last_state=True, backend="fast")
+    y, h = selective_scan(*args, delta_softplus=True, return_last_state=True, backend=fast_backend)
     assert h.shape == (2, 4, 3)
     assert _max_err(y, y_ref) <= TOL and _max_err(h, h_ref) <= TOL
 
 
-def test_bf16_in_bf16_out_computed_in_fp32():
+def test_bf16_in_bf16_out_computed_in_fp32(fast_backend):
     inputs = _scan_inputs(2, 4, 3, 50, "var", dtype=torch.bfloat16)
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
-    y = selective_scan(*args, True, backend="fast")
+    y = selective_scan(*args, True, backend=fast_backend)
     assert y.dtype == torch.bfloat16
     y_ref32 = selective_scan_ref(*[a.float() for a in args], True)
-    y_fast32 = selective_scan(*[a.float() for a in args], True, backend="fast")
+    y_fast32 = selective_scan(*[a.float() for a in args], True, backend=fast_backend)
     assert torch.equal(y, y_fast32.to(torch.bfloat16))  # same fp32 computation, cast at the end
     assert _max_err(y_fast32, y_ref32) <= TOL
     assert _max_err(y, y_ref32) <= 1e-2 * max(1.0, y_ref32.abs().max().item())
     assert selective_scan_ref(*args, True).dtype == torch.bfloat16
 
 
-def test_autocast_does_not_lower_the_scan_precision():
+def test_autocast_does_not_lower_the_scan_precision(fast_backend):
     inputs = _scan_inputs(2, 4, 3, 40, "var")
     args = [inputs[k] for k in ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")]
     expected = selective_scan_ref(*args, True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = selective_scan(*args, True, backend="fast")
+        y = selective_scan(*args, True, backend=fast_backend)
     assert y.dtype == torch.float32 and _max_err(y, expected) <= TOL
 
 
-def test_long_sequence_stability():
+def test_long_sequence_stability(fast_backend):
     """L = 3136 with A down to -150 and steps up to ~10: decays underflow to 0, never overflow."""
     g = torch.Generator().manual_seed(0)
     b, d, n, length = 1, 2, 4, 3136
@@ -151,7 +162,7 @@ def test_long_sequence_stability():
     A = -torch.exp(torch.rand(d, n, generator=g) * 5)  # -1 .. -148
     B, C = torch.randn(b, n, length, generator=g), torch.randn(b, n, length, generator=g)
     leaves = [t.requires_grad_(True) for t in (u, delta, A, B, C)]
-    y = selective_scan(*leaves, delta_softplus=True, backend="fast")
+    y = selective_scan(*leaves, delta_softplus=True, backend=fast_backend)
     assert torch.isfinite(y).all()
     grads = torch.autograd.grad(y.sum(), leaves)
     assert all(torch.isfinite(g_).all() for g_ in grads)
@@ -259,10 +270,10 @@ def _run_wkv(fn, tensors):
     [(1.0, 1.0), (0.05, 30.0), (8.0, 30.0), (-0.02, 10.0)],
     ids=["mild", "large_k", "fast_decay", "negative_w"],
 )
-def test_wkv_fast_matches_ref(length, w_scale, k_scale):
+def test_wkv_fast_matches_ref(length, w_scale, k_scale, fast_backend):
     tensors = _wkv_case(2, length, 5, w_scale, k_scale, seed=length)
     y_ref, g_ref = _run_wkv(wkv_bidirectional_ref, tensors)
-    y_fast, g_fast = _run_wkv(wkv_bidirectional, tensors)
+    y_fast, g_fast = _run_wkv(lambda *t: wkv_bidirectional(*t, backend=fast_backend), tensors)
     assert torch.isfinite(y_fast).all()
     assert _max_err(y_fast, y_ref) <= TOL
     for name, a, b in zip("wukv", g_fast, g_ref, strict=True):
@@ -283,11 +294,11 @@ def test_wkv_matches_formula_directly():
         assert _max_err(y[0, t], num / den) <= 1e-5
 
 
-def test_wkv_long_sequence_and_dtype():
+def test_wkv_long_sequence_and_dtype(fast_backend):
     w, u, k, v = _wkv_case(1, 3136, 4, 0.01, 30.0, seed=0)
-    y = wkv_bidirectional(w, u, k.bfloat16(), v.bfloat16())
+    y = wkv_bidirectional(w, u, k.bfloat16(), v.bfloat16(), backend=fast_backend)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y.float()).all()
-    y32 = wkv_bidirectional(w, u, k, v)
+    y32 = wkv_bidirectional(w, u, k, v, backend=fast_backend)
     assert _max_err(y32, wkv_bidirectional_ref(w, u, k, v)) <= TOL
 
 

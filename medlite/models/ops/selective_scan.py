@@ -52,10 +52,11 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from medlite.errors import MedliteError
+from medlite.models.ops import native
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "fast", "ref", "mamba_ssm", "export")
+BACKENDS = ("auto", "native", "fast", "ref", "mamba_ssm", "export")
 
 # Target elements of one block's state tensor (batch * D * N * block_length): ~4 MB of fp32,
 # large enough that each op amortises its overhead, small enough to stay in cache.
@@ -64,6 +65,10 @@ _BLOCK_ELEMENTS = 1 << 20
 
 class OptionalDependencyError(MedliteError, RuntimeError):
     """An optional extra (here ``medlite[mamba]``) is needed for what was asked."""
+
+
+class NativeKernelUnavailable(MedliteError, RuntimeError):
+    """``backend="native"`` was asked for where the C kernel cannot run."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -93,6 +98,72 @@ def tracing_for_export(x: torch.Tensor) -> bool:
         or torch.onnx.is_in_onnx_export()
         or any(isinstance(s, torch.SymInt) for s in x.shape)
     )
+
+
+@functools.lru_cache(maxsize=1)
+def native_kernel() -> native.ScanKernel | None:
+    """The C kernel (:mod:`.native`), built on first use and checked once against the
+    sequential reference; None (with one warning saying why) where it cannot be used."""
+    kernel = native.load()
+    if kernel is None:
+        log.info("medlite's C scan kernel is not used: %s", native.status())
+        return None
+    mismatch = _native_self_check(kernel)
+    if mismatch is not None:
+        log.warning(
+            "medlite's C scan kernel (%s) disagrees with the reference scan (max |diff| %.2g); "
+            "using the PyTorch scan instead",
+            kernel.path,
+            mismatch,
+        )
+        return None
+    return kernel
+
+
+def native_kernel_for(x: torch.Tensor, n: int) -> native.ScanKernel | None:
+    """The C kernel if it can run this call: real CPU tensors, outside torch.compile, N <= 64."""
+    if (
+        x.device.type != "cpu"
+        or type(x) not in (torch.Tensor, torch.nn.Parameter)  # fake / functional tensors
+        or not native.supports(n)
+        or torch.compiler.is_compiling()
+    ):
+        return None
+    return native_kernel()
+
+
+def require_native_kernel(x: torch.Tensor, n: int) -> native.ScanKernel:
+    kernel = native_kernel_for(x, n)
+    if kernel is None:
+        why = (
+            f"it runs on plain CPU tensors with N <= {native.MAX_STATE} (got {x.device.type}, "
+            f"N={n})"
+            if native_kernel() is not None
+            else native.status()
+        )
+        raise NativeKernelUnavailable(
+            f"selective_scan(backend='native') cannot run here: {why}. Use backend='auto' "
+            "(falls back to the PyTorch scan) or 'fast'"
+        )
+    return kernel
+
+
+def _native_self_check(kernel: native.ScanKernel) -> float | None:
+    """Max |diff| of a small grouped scan against the reference if above 1e-4, else None."""
+    g = torch.Generator().manual_seed(0)
+    batch, dim, n, length = 2, 32, 5, 37
+    u = torch.randn(batch, dim, length, generator=g)
+    delta = torch.randn(batch, dim, length, generator=g)
+    A = -torch.rand(dim, n, generator=g) * 4
+    B = torch.randn(batch, 2, n, length, generator=g)
+    C = torch.randn(batch, 2, n, length, generator=g)
+    with torch.no_grad():
+        ref = selective_scan_ref(u, delta, A, B, C, delta_softplus=True, return_last_state=True)
+        out = _selective_scan_fast(
+            u, delta, A, B, C, None, None, None, True, True, chunk_size=16, kernel=kernel
+        )
+    diff = max((a - b).abs().max().item() for a, b in zip(ref, out, strict=True))
+    return diff if not diff <= 1e-4 else None  # NaN counts as a mismatch
 
 
 @contextlib.contextmanager
@@ -140,12 +211,14 @@ def selective_scan(
         delta_softplus: apply ``softplus`` to ``delta`` (after the bias).
         return_last_state: also return the state after the last step, (batch, D, N). On the
             fast and mamba_ssm paths it carries no gradient.
-        backend: ``"auto"`` (mamba_ssm's kernel for CUDA tensors when it imports, else
-            ``"fast"``), ``"fast"`` (blocked chunked scan in PyTorch, CPU or GPU), ``"ref"``
-            (sequential loop), ``"mamba_ssm"`` (needs ``pip install "medlite[mamba]"``) or
-            ``"export"`` (standard tensor ops only, traceable with a dynamic batch). While a
-            graph is exported or traced (:func:`tracing_for_export`), ``"auto"`` and ``"fast"``
-            run ``"export"``.
+        backend: ``"auto"`` (mamba_ssm's kernel for CUDA tensors when it imports; on CPU
+            ``"native"`` where it can run, else ``"fast"``), ``"native"`` (medlite's C kernel
+            for the forward pass on CPU, see :mod:`.native`; the backward is ``"fast"``'s),
+            ``"fast"`` (blocked chunked scan in PyTorch, CPU or GPU), ``"ref"`` (sequential
+            loop), ``"mamba_ssm"`` (needs ``pip install "medlite[mamba]"``) or ``"export"``
+            (standard tensor ops only, traceable with a dynamic batch). While a graph is
+            exported or traced (:func:`tracing_for_export`), ``"auto"``, ``"native"`` and
+            ``"fast"`` run ``"export"``.
         chunk_size: time steps per chunk of the fast path (tuning knob; 8-32 is best on CPU).
             The export path picks its own chunking from L.
 
@@ -154,10 +227,13 @@ def selective_scan(
     """
     if backend not in BACKENDS:
         raise ValueError(f"selective_scan backend must be one of {BACKENDS}, got {backend!r}")
-    if backend in ("auto", "fast") and tracing_for_export(u):
+    if backend in ("auto", "native", "fast") and tracing_for_export(u):
         backend = "export"
     elif backend == "auto":
-        backend = "mamba_ssm" if u.is_cuda and mamba_ssm_available() else "fast"
+        if u.is_cuda and mamba_ssm_available():
+            backend = "mamba_ssm"
+        else:
+            backend = "native" if native_kernel_for(u, A.shape[-1]) else "fast"
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if backend == "mamba_ssm":
         return _selective_scan_mamba(*args)
@@ -165,7 +241,8 @@ def selective_scan(
         return selective_scan_ref(*args)
     if backend == "export":
         return _selective_scan_export(*args)
-    return _selective_scan_fast(*args, chunk_size=chunk_size)
+    kernel = require_native_kernel(u, A.shape[-1]) if backend == "native" else None
+    return _selective_scan_fast(*args, chunk_size=chunk_size, kernel=kernel)
 
 
 def selective_scan_ref(
@@ -305,7 +382,7 @@ def _selective_scan_mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r
 
 
 def _selective_scan_fast(
-    u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, *, chunk_size
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, *, chunk_size, kernel
 ):
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     if chunk_size < 1:
@@ -320,6 +397,7 @@ def _selective_scan_fast(
             _time_major(B.float()),
             _time_major(C.float()),
             chunk_size,
+            kernel,
         )
         out = _finish(y.permute(1, 2, 0), u32, D, z).to(u.dtype)
     return (out, last) if return_last_state else out
@@ -341,15 +419,17 @@ def _scan_time_major(
     Bl: torch.Tensor | None,
     Cl: torch.Tensor | None,
     chunk_size: int = 16,
+    kernel: native.ScanKernel | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The core scan on time-major fp32 tensors (also used by the WKV op).
 
     ``dl``: (L, batch, D) step sizes, ``dul``: (L, batch, D) ``delta * u``, ``A``: (D, N);
     ``Bl``/``Cl``: (L, batch, G, N), time-invariant (D, N), or None for a constant 1 (only
     with N == 1: then ``y`` is the state itself). Returns ``y`` (L, batch, D) =
-    ``sum_n C h`` and the last state (batch, D, N) (no gradient).
+    ``sum_n C h`` and the last state (batch, D, N) (no gradient). With ``kernel`` (the C
+    kernel) the forward pass runs in C; the backward is the same either way.
     """
-    return _ScanFn.apply(dl, dul, A, Bl, Cl, chunk_size)
+    return _ScanFn.apply(dl, dul, A, Bl, Cl, chunk_size, kernel)
 
 
 class _Plan:
@@ -380,25 +460,19 @@ def _pad_time(x: torch.Tensor, padded: int) -> torch.Tensor:
 
 class _ScanFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, dl, dul, A, Bl, Cl, chunk_size):
+    def forward(ctx, dl, dul, A, Bl, Cl, chunk_size, kernel):
         plan = _Plan(dl, A, Bl, chunk_size)
         dl, dul = _pad_time(dl, plan.padded), _pad_time(dul, plan.padded)
         A = A.contiguous()
         Bl, Cl = _pad_bc(Bl, plan.padded), _pad_bc(Cl, plan.padded)
-        y = dl.new_empty(plan.padded, plan.batch, plan.dim)
-        state = dl.new_zeros(plan.state)
-        starts = []
-        blocks = plan.blocks()
-        a_buf = dl.new_empty(min(plan.block, plan.padded), plan.batch, plan.dim, plan.n)
-        h_buf = torch.empty_like(a_buf)
-        for t0, t1 in blocks:
-            starts.append(state)
-            a, h = a_buf[: t1 - t0], h_buf[: t1 - t0]
-            _block_states(plan, dl[t0:t1], dul[t0:t1], A, Bl, t0, state, a, h, a)
-            state = h.view(t1 - t0, -1)[-1].clone()
-            _contract(plan, h, _rows(Cl, t0, t1), out=y[t0:t1], scratch=a)
+        if kernel is not None and plan.padded:
+            # The backward restarts each block from its saved state, wherever that came from.
+            h0 = dl.new_zeros(plan.state)
+            y, starts, state = kernel.forward(dl, dul, A, Bl, Cl, h0, every=plan.block)
+        else:
+            y, starts, state = _forward_blocks(plan, dl, dul, A, Bl, Cl)
         if plan.padded:
-            ctx.save_for_backward(dl, dul, A, Bl, Cl, torch.stack(starts))
+            ctx.save_for_backward(dl, dul, A, Bl, Cl, starts)
         ctx.plan = plan
         last = state.view(plan.batch, plan.dim, plan.n)
         ctx.mark_non_differentiable(last)
@@ -409,7 +483,7 @@ class _ScanFn(torch.autograd.Function):
     def backward(ctx, gy, _g_last):
         plan: _Plan = ctx.plan
         if not plan.padded:
-            return (None,) * 6
+            return (None,) * 7
         dl, dul, A, Bl, Cl, starts = ctx.saved_tensors
         gy = _pad_time(gy.float(), plan.padded)
         b, d, n, g, hd = plan.batch, plan.dim, plan.n, plan.groups, plan.heads
@@ -469,7 +543,23 @@ class _ScanFn(torch.autograd.Function):
         length = plan.length
         g_B = g_B[:length] if g_B is not None and g_B.dim() == 4 else g_B
         g_C = g_C[:length] if g_C is not None and g_C.dim() == 4 else g_C
-        return g_dl[:length], g_dul[:length], g_A, g_B, g_C, None
+        return g_dl[:length], g_dul[:length], g_A, g_B, g_C, None, None
+
+
+def _forward_blocks(plan: _Plan, dl, dul, A, Bl, Cl):
+    """The PyTorch forward: ``y``, the state before each block, and the last state."""
+    y = dl.new_empty(plan.padded, plan.batch, plan.dim)
+    state = dl.new_zeros(plan.state)
+    starts = []
+    a_buf = dl.new_empty(min(plan.block, plan.padded), plan.batch, plan.dim, plan.n)
+    h_buf = torch.empty_like(a_buf)
+    for t0, t1 in plan.blocks():
+        starts.append(state)
+        a, h = a_buf[: t1 - t0], h_buf[: t1 - t0]
+        _block_states(plan, dl[t0:t1], dul[t0:t1], A, Bl, t0, state, a, h, a)
+        state = h.view(t1 - t0, -1)[-1].clone()
+        _contract(plan, h, _rows(Cl, t0, t1), out=y[t0:t1], scratch=a)
+    return y, torch.stack(starts) if starts else None, state
 
 
 def _grad_buffer(m: torch.Tensor | None) -> torch.Tensor | None:

@@ -44,10 +44,12 @@ from medlite.models.ops.selective_scan import (
     _scan_time_major,
     export_chunking,
     fp32_region,
+    native_kernel_for,
+    require_native_kernel,
     tracing_for_export,
 )
 
-BACKENDS = ("auto", "fast", "ref", "export")
+BACKENDS = ("auto", "native", "fast", "ref", "export")
 
 # Elements of the (batch, rows, T, C) score tensor per step of the reference.
 _REF_BLOCK_ELEMENTS = 1 << 22
@@ -68,7 +70,9 @@ def wkv_bidirectional(
         w: (C,) decay per token of distance (pass ``spatial_decay / T`` for the paper's model).
         u: (C,) bonus of the token itself (``spatial_first / T`` in Vision-RWKV's code).
         k, v: (batch, T, C) keys and values.
-        backend: ``"auto"``/``"fast"`` (O(T*C) scan), ``"ref"`` (O(T^2) softmax form) or
+        backend: ``"auto"`` (``"native"`` where the C kernel runs, else ``"fast"``),
+            ``"native"`` (the O(T*C) scan with its forward pass in medlite's C kernel on CPU,
+            see :mod:`.native`), ``"fast"`` (the O(T*C) scan in PyTorch), ``"ref"`` (O(T^2) softmax form) or
             ``"export"`` (chunked, standard tensor ops only, traceable with a dynamic batch;
             what ``"auto"``/``"fast"`` run while a graph is exported or traced). There is no
             CUDA kernel to dispatch to; the fast path runs on CPU and GPU.
@@ -84,6 +88,11 @@ def wkv_bidirectional(
     if backend == "export" or tracing_for_export(k):
         return _wkv_export(w, u, k, v)
     _check(w, u, k, v)
+    kernel = None
+    if backend == "native":
+        kernel = require_native_kernel(k, 1)
+    elif backend == "auto":
+        kernel = native_kernel_for(k, 1)
     batch, length, channels = k.shape
     if length == 0:
         return k.new_zeros(k.shape)
@@ -112,7 +121,7 @@ def wkv_bidirectional(
         dl = torch.cat([delta, delta], dim=-1)  # (T, 2b, 2C): numerator | denominator
         dul = torch.cat([e * vv, e], dim=-1)
         minus_one = torch.full((2 * channels, 1), -1.0, device=k.device)
-        h, _ = _scan_time_major(dl, dul, minus_one, None, None, chunk_size)  # inclusive sums
+        h, _ = _scan_time_major(dl, dul, minus_one, None, None, chunk_size, kernel)  # inclusive
         # Exclusive sums for token t: the state after token t-1 (none before token 0).
         hx = torch.cat([h.new_zeros(1, 2 * batch, 2 * channels), h[:-1]])
         sx = torch.cat([s.new_full((1, 2 * batch, channels), float("-inf")), s[:-1]])

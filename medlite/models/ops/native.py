@@ -1,0 +1,225 @@
+"""medlite's C selective-scan kernel (``scan_kernel.c``): compiled on this machine at first use.
+
+Why compile at run time rather than ship a binary: the kernel is ~100 lines of plain C that any
+C compiler builds in about a second, ``-march=native`` then uses the machine's widest vectors
+(AVX-512 where there is one), and the install stays pure Python. Nothing links against Python
+or torch, so it is loaded with :mod:`ctypes`, and its OpenMP threads are torch's own (the
+``libgomp`` torch ships is already loaded when the kernel is).
+
+The library is cached in ``$MEDLITE_CACHE_DIR/kernels`` under a key made of the source, the
+compiler, the flags and the CPU, so a cache shared by different machines (an NFS home on a
+cluster) never hands one CPU code built for another. Where no compiler works (e.g. Windows
+without one), :func:`load` returns None and says why in :func:`status`; the scan then runs its
+PyTorch path, about 3x slower. ``MEDLITE_NATIVE=0`` switches the kernel off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from medlite.cache import cache_dir
+
+log = logging.getLogger(__name__)
+
+SOURCE = pathlib.Path(__file__).with_name("scan_kernel.c")
+ENV_SWITCH = "MEDLITE_NATIVE"
+MAX_STATE = 64  # MAX_N in scan_kernel.c
+LANES = (16, 8, 4, 1)  # the vector widths scan_kernel.c is built for
+# Flag sets tried in turn: the best first, then without OpenMP (e.g. Apple clang), then plain.
+FLAG_SETS = (
+    ("-O3", "-march=native", "-fopenmp"),
+    ("-O3", "-march=native"),
+    ("-O3",),
+)
+_COMPILE_TIMEOUT_S = 120
+
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+
+
+@dataclass(frozen=True)
+class ScanKernel:
+    """The loaded library, with how it was built."""
+
+    path: pathlib.Path
+    compiler: str
+    flags: tuple[str, ...]
+    library: ctypes.CDLL
+
+    @property
+    def parallel(self) -> bool:
+        return "-fopenmp" in self.flags
+
+    def forward(
+        self,
+        dl: torch.Tensor,
+        dul: torch.Tensor,
+        A: torch.Tensor,
+        Bl: torch.Tensor | None,
+        Cl: torch.Tensor | None,
+        h0: torch.Tensor,
+        every: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Run the scan on contiguous fp32 CPU tensors in the layout of ``scan_kernel.c``.
+
+        Returns ``y`` (L, batch, D), the states before steps 0, every, 2 every, ...
+        (n, batch*D*N), and the last state (batch*D*N,).
+        """
+        length, batch, dim = dl.shape
+        n = A.shape[1]
+        groups = Bl.shape[2] if Bl is not None and Bl.dim() == 4 else 1
+        lanes = pick_lanes(dim // groups)
+        y = dl.new_empty(length, batch, dim)
+        n_starts = -(-length // every) if every > 0 else 0
+        starts = dl.new_empty(max(n_starts, 1), batch * dim * n)
+        last = dl.new_empty(batch * dim * n)
+        tensors = (dl, dul, A, Bl, Cl, h0, y, starts, last)
+        for t in tensors:
+            if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.is_cuda):
+                raise ValueError("native scan: inputs must be contiguous fp32 CPU tensors")
+        pointers = [0 if t is None else t.data_ptr() for t in tensors]
+        threads = min(torch.get_num_threads(), batch * (dim // lanes))
+        rc = self.library.medlite_scan_forward(
+            *pointers,
+            length, batch, dim, n, groups,
+            _mode(Bl), _mode(Cl),
+            every, lanes, max(threads, 1),
+        )  # fmt: skip
+        if rc != 0:
+            raise ValueError(f"native scan: shapes not supported (L={length}, D={dim}, N={n})")
+        return y, starts[:n_starts], last
+
+    def exp(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernel's own ``exp`` (for testing its accuracy)."""
+        x = x.float().contiguous()
+        out = torch.empty_like(x)
+        self.library.medlite_exp(x.data_ptr(), out.data_ptr(), x.numel())
+        return out
+
+
+def _mode(m: torch.Tensor | None) -> int:
+    """scan_kernel.c's B/C modes: 0 per time step and group, 1 time-invariant (D, N), 2 absent."""
+    if m is None:
+        return 2
+    return 1 if m.dim() == 2 else 0
+
+
+def pick_lanes(heads: int) -> int:
+    """The widest vector of channels that stays inside one group of ``heads`` channels."""
+    return next(w for w in LANES if heads % w == 0)
+
+
+def supports(n: int) -> bool:
+    return 1 <= n <= MAX_STATE
+
+
+@functools.lru_cache(maxsize=1)
+def _load_once() -> tuple[ScanKernel | None, str]:
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return None, f"switched off by {ENV_SWITCH}={os.environ[ENV_SWITCH]}"
+    compiler = os.environ.get("CC") or next(
+        (c for c in ("cc", "gcc", "clang") if shutil.which(c)), None
+    )
+    if compiler is None or not shutil.which(compiler):
+        return None, "no C compiler found (set CC, or install gcc or clang)"
+    errors = []
+    for flags in FLAG_SETS:
+        try:
+            path = _build(compiler, flags)
+            library = ctypes.CDLL(str(path))
+        except (OSError, subprocess.SubprocessError) as exc:
+            errors.append(f"{compiler} {' '.join(flags)}: {_first_line(exc)}")
+            continue
+        library.medlite_scan_forward.argtypes = [_P] * 9 + [_I64] * 5 + [_INT, _INT, _I64]
+        library.medlite_scan_forward.argtypes += [_INT, _INT]
+        library.medlite_scan_forward.restype = _INT
+        library.medlite_exp.argtypes = [_P, _P, _I64]
+        library.medlite_exp.restype = None
+        kernel = ScanKernel(path, compiler, flags, library)
+        return kernel, f"compiled with {compiler} {' '.join(flags)} ({path})"
+    return None, "the C kernel did not compile: " + "; ".join(errors)
+
+
+def load() -> ScanKernel | None:
+    """The compiled kernel, building it on first use; None where it cannot be built."""
+    return _load_once()[0]
+
+
+def status() -> str:
+    """How the kernel was built, or why it is not used (one line, for logs and benchmarks)."""
+    return _load_once()[1]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = getattr(exc, "stderr", None) or str(exc)
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+def _cpu_identity() -> str:
+    """What -march=native depends on: the CPU model and feature flags where Linux tells them."""
+    try:
+        info = pathlib.Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        info = ""
+    keep = [
+        line
+        for line in info.splitlines()
+        if line.split(":")[0].strip() in ("model name", "flags", "Features", "CPU part")
+    ]
+    return "\n".join(sorted(set(keep))) or f"{platform.machine()} {platform.processor()}"
+
+
+def _build(compiler: str, flags: tuple[str, ...]) -> pathlib.Path:
+    """Compile (or reuse) the library for these flags; raises on a failed build."""
+    source = SOURCE.read_bytes()
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    key = hashlib.sha256(
+        b"\0".join(
+            s.encode() if isinstance(s, str) else s
+            for s in (source, compiler, version, " ".join(flags), _cpu_identity())
+        )
+    ).hexdigest()[:20]
+    folder = cache_dir() / "kernels"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only cache: build for this process only
+        folder = pathlib.Path(tempfile.mkdtemp(prefix="medlite-kernels-"))
+    target = folder / f"scan_{key}.so"
+    if target.exists():
+        return target
+    start = time.perf_counter()
+    fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".so.part", dir=folder)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
+            capture_output=True,
+            text=True,
+            timeout=_COMPILE_TIMEOUT_S,
+            check=True,
+        )
+        os.replace(tmp, target)  # atomic: parallel jobs may build it at the same time
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info(
+        "compiled medlite's CPU scan kernel in %.1f s: %s", time.perf_counter() - start, target
+    )
+    return target
