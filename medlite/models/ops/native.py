@@ -1,7 +1,8 @@
-"""medlite's C selective-scan kernel (``scan_kernel.c``): compiled on this machine at first use.
+"""medlite's C selective-scan kernel (``scan_kernel.c``, forward and backward): compiled on this
+machine at first use.
 
-Why compile at run time rather than ship a binary: the kernel is ~100 lines of plain C that any
-C compiler builds in about a second, ``-march=native`` then uses the machine's widest vectors
+Why compile at run time rather than ship a binary: the kernel is ~250 lines of plain C that any
+C compiler builds in a few seconds, ``-march=native`` then uses the machine's widest vectors
 (AVX-512 where there is one), and the install stays pure Python. Nothing links against Python
 or torch, so it is loaded with :mod:`ctypes`, and its OpenMP threads are torch's own (the
 ``libgomp`` torch ships is already loaded when the kernel is).
@@ -10,7 +11,7 @@ The library is cached in ``$MEDLITE_CACHE_DIR/kernels`` under a key made of the 
 compiler, the flags and the CPU, so a cache shared by different machines (an NFS home on a
 cluster) never hands one CPU code built for another. Where no compiler works (e.g. Windows
 without one), :func:`load` returns None and says why in :func:`status`; the scan then runs its
-PyTorch path, about 3x slower. ``MEDLITE_NATIVE=0`` switches the kernel off.
+PyTorch path, 2-5x slower. ``MEDLITE_NATIVE=0`` switches the kernel off.
 """
 
 from __future__ import annotations
@@ -86,9 +87,7 @@ class ScanKernel:
         starts = dl.new_empty(max(n_starts, 1), batch * dim * n)
         last = dl.new_empty(batch * dim * n)
         tensors = (dl, dul, A, Bl, Cl, h0, y, starts, last)
-        for t in tensors:
-            if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.is_cuda):
-                raise ValueError("native scan: inputs must be contiguous fp32 CPU tensors")
+        _check_tensors(tensors)
         pointers = [0 if t is None else t.data_ptr() for t in tensors]
         threads = min(torch.get_num_threads(), batch * (dim // lanes))
         rc = self.library.medlite_scan_forward(
@@ -101,12 +100,71 @@ class ScanKernel:
             raise ValueError(f"native scan: shapes not supported (L={length}, D={dim}, N={n})")
         return y, starts[:n_starts], last
 
+    def backward(
+        self,
+        dl: torch.Tensor,
+        dul: torch.Tensor,
+        A: torch.Tensor,
+        Bl: torch.Tensor | None,
+        Cl: torch.Tensor | None,
+        starts: torch.Tensor,
+        gy: torch.Tensor,
+        every: int,
+    ) -> tuple[torch.Tensor, ...]:
+        """Gradients of the scan from the forward pass's block starts and ``gy`` (L, batch, D).
+
+        Returns the gradients of ``dl``, ``dul``, ``A``, ``Bl`` and ``Cl`` (None for an absent
+        B/C), shaped like them.
+        """
+        length, batch, dim = dl.shape
+        n = A.shape[1]
+        groups = Bl.shape[2] if Bl is not None and Bl.dim() == 4 else 1
+        lanes = pick_lanes(dim // groups)
+        per_group = dim // groups // lanes
+        g_dl, g_dul = torch.empty_like(dl), torch.empty_like(dul)
+        g_A = dl.new_empty(batch, dim, n)
+
+        def grad_buffer(m):
+            if m is None:
+                return None
+            if m.dim() == 2:
+                return dl.new_empty(batch, dim, n)
+            return dl.new_empty(length, batch, groups, per_group, n)
+
+        g_B, g_C = grad_buffer(Bl), grad_buffer(Cl)
+        tensors = (dl, dul, A, Bl, Cl, starts, gy, g_dl, g_dul, g_A, g_B, g_C)
+        _check_tensors(tensors)
+        threads = min(torch.get_num_threads(), batch * (dim // lanes))
+        rc = self.library.medlite_scan_backward(
+            *[0 if t is None else t.data_ptr() for t in tensors],
+            length, batch, dim, n, groups,
+            _mode(Bl), _mode(Cl),
+            every, lanes, max(threads, 1),
+        )  # fmt: skip
+        if rc == -2:
+            raise MemoryError("native scan backward: out of memory for a block of states")
+        if rc != 0:
+            raise ValueError(f"native scan: shapes not supported (L={length}, D={dim}, N={n})")
+
+        def reduce(g):
+            if g is None:
+                return None
+            return g.sum(0) if g.dim() == 3 else g.sum(3)
+
+        return g_dl, g_dul, g_A.sum(0), reduce(g_B), reduce(g_C)
+
     def exp(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel's own ``exp`` (for testing its accuracy)."""
         x = x.float().contiguous()
         out = torch.empty_like(x)
         self.library.medlite_exp(x.data_ptr(), out.data_ptr(), x.numel())
         return out
+
+
+def _check_tensors(tensors) -> None:
+    for t in tensors:
+        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.is_cuda):
+            raise ValueError("native scan: inputs must be contiguous fp32 CPU tensors")
 
 
 def _mode(m: torch.Tensor | None) -> int:
@@ -145,6 +203,9 @@ def _load_once() -> tuple[ScanKernel | None, str]:
         library.medlite_scan_forward.argtypes = [_P] * 9 + [_I64] * 5 + [_INT, _INT, _I64]
         library.medlite_scan_forward.argtypes += [_INT, _INT]
         library.medlite_scan_forward.restype = _INT
+        library.medlite_scan_backward.argtypes = [_P] * 12 + [_I64] * 5 + [_INT, _INT, _I64]
+        library.medlite_scan_backward.argtypes += [_INT, _INT]
+        library.medlite_scan_backward.restype = _INT
         library.medlite_exp.argtypes = [_P, _P, _I64]
         library.medlite_exp.restype = None
         kernel = ScanKernel(path, compiler, flags, library)
