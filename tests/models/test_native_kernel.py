@@ -164,6 +164,16 @@ def test_without_the_kernel_everything_still_works(fresh_kernel, env, reason):
             selective_scan(**inputs, delta_softplus=True, backend="native")
 
 
+def test_first_use_inside_inference_mode(kernel, fresh_kernel):
+    """Lightning validates under inference_mode before training: the self-check (which needs
+    autograd) must still run there, and the kernel be used."""
+    inputs = _inputs(1, 16, 4, 30, 1)
+    with torch.inference_mode():
+        assert ss_module.native_kernel() is not None
+        y = selective_scan(**inputs, delta_softplus=True, backend="native")
+    assert _max_err(y, selective_scan_ref(**inputs, delta_softplus=True)) <= 1e-4
+
+
 def test_cache_is_reused_and_keyed_by_cpu(kernel, fresh_kernel, tmp_path):
     fresh_kernel.setenv("MEDLITE_CACHE_DIR", str(tmp_path))
     builds = []

@@ -207,6 +207,15 @@ def test_bad_arguments_raise_clear_errors():
         selective_scan(*args[:3], torch.randn(1, 3, 2, 5), args[4])
     with pytest.raises(ValueError, match="A must be"):
         selective_scan(args[0], args[1], torch.randn(3, 2), args[3], args[4])
+    per_group, invariant = torch.randn(1, 2, 2, 5), torch.randn(4, 2)
+    for B, C in (
+        (invariant, per_group),
+        (per_group, torch.randn(1, 4, 2, 5)),
+        (per_group, args[4]),
+    ):
+        for backend in ("fast", "native", "ref", "export"):
+            with pytest.raises(ValueError, match="same number of groups"):
+                selective_scan(*args[:3], B, C, backend=backend)
     with pytest.raises(ValueError, match="backend"):
         ones = torch.ones(1, 2, 3)
         wkv_bidirectional(torch.ones(3), torch.ones(3), ones, ones, backend="cuda")

@@ -1,4 +1,4 @@
-"""Mamba's selective scan (S6) for CPUs (PyTorch and C), plus a dispatcher to ``mamba_ssm``'s CUDA kernel.
+"""Mamba's selective scan (S6) for CPUs (PyTorch and C), dispatching to ``mamba_ssm`` on CUDA.
 
 The recurrence, per batch element b, channel d and state index n::
 
@@ -159,29 +159,26 @@ def require_native_kernel(x: torch.Tensor, n: int) -> native.ScanKernel:
 def _native_self_check(kernel: native.ScanKernel) -> float | None:
     """Max |diff| of a small grouped scan's outputs and gradients against the reference if
     above 1e-4, else None."""
-    g = torch.Generator().manual_seed(0)
-    batch, dim, n, length = 2, 32, 5, 37
-    inputs = [
-        torch.randn(batch, dim, length, generator=g),  # u
-        torch.randn(batch, dim, length, generator=g),  # delta
-        -torch.rand(dim, n, generator=g) * 4,  # A
-        torch.randn(batch, 2, n, length, generator=g),  # B, per group
-        torch.randn(batch, 2, n, length, generator=g),  # C
-    ]
-    weight = torch.randn(batch, dim, length, generator=g)
+    # First use may come from inside no_grad / inference_mode (Lightning's validation).
+    with torch.inference_mode(False), torch.enable_grad():
+        g = torch.Generator().manual_seed(0)
+        batch, dim, n, length = 2, 32, 5, 37
+        inputs = [
+            torch.randn(batch, dim, length, generator=g),  # u
+            torch.randn(batch, dim, length, generator=g),  # delta
+            -torch.rand(dim, n, generator=g) * 4,  # A
+            torch.randn(batch, 2, n, length, generator=g),  # B, per group
+            torch.randn(batch, 2, n, length, generator=g),  # C
+        ]
+        weight = torch.randn(batch, dim, length, generator=g)
 
-    def run(scan):
-        leaves = [t.clone().requires_grad_(True) for t in inputs]
-        y, last = scan(*leaves)
-        return [y, last, *torch.autograd.grad((y * weight).sum(), leaves)]
+        def run(scan):
+            leaves = [t.clone().requires_grad_(True) for t in inputs]
+            y, last = scan(*leaves, None, None, None, True, True)
+            return [y, last, *torch.autograd.grad((y * weight).sum(), leaves)]
 
-    with torch.enable_grad():
-        ref = run(lambda *t: selective_scan_ref(*t, delta_softplus=True, return_last_state=True))
-        out = run(
-            lambda *t: _selective_scan_fast(
-                *t, None, None, None, True, True, chunk_size=16, kernel=kernel
-            )
-        )
+        ref = run(selective_scan_ref)
+        out = run(functools.partial(_selective_scan_fast, chunk_size=16, kernel=kernel))
     diff = max((a - b).abs().max().item() for a, b in zip(ref, out, strict=True))
     return diff if not diff <= 1e-4 else None  # NaN counts as a mismatch
 
@@ -248,6 +245,8 @@ def selective_scan(
     """
     if backend not in BACKENDS:
         raise ValueError(f"selective_scan backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "mamba_ssm":  # (mamba_ssm checks its own inputs)
+        _check_shapes(u, delta, A, B, C, D, z, delta_bias)  # before backend-specific errors
     if backend in ("auto", "native", "fast") and tracing_for_export(u):
         backend = "export"
     elif backend == "auto":
@@ -339,6 +338,12 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
                 f"selective_scan: {name} must be (D, N), (batch, N, L) or (batch, G, N, L) with G "
                 f"dividing D (D={dim}, N={n}, L={length}, batch={batch}), got {tuple(m.shape)}"
             )
+    groups_b, groups_c = (m.shape[1] if m.dim() == 4 else 1 for m in (B, C))
+    if groups_b != groups_c:  # as in mamba_ssm, which sizes both from B
+        raise ValueError(
+            f"selective_scan: B and C must have the same number of groups, got {groups_b} and "
+            f"{groups_c} (a (D, N) or (batch, N, L) one counts as 1 group)"
+        )
     for name, v in (("D", D), ("delta_bias", delta_bias)):
         if v is not None and tuple(v.shape) != (dim,):
             raise ValueError(f"selective_scan: {name} must be ({dim},), got {tuple(v.shape)}")
