@@ -51,6 +51,24 @@ _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 
 
 @dataclass(frozen=True)
+class _Shape:
+    """Sizes of one call, and the vector width that keeps each work item in one group."""
+
+    length: int
+    batch: int
+    dim: int
+    n: int
+    groups: int
+    lanes: int
+
+    @classmethod
+    def of(cls, dl: torch.Tensor, A: torch.Tensor, Bl: torch.Tensor | None) -> _Shape:
+        length, batch, dim = dl.shape
+        groups = Bl.shape[2] if Bl is not None and Bl.dim() == 4 else 1
+        return cls(length, batch, dim, A.shape[1], groups, pick_lanes(dim // groups))
+
+
+@dataclass(frozen=True)
 class ScanKernel:
     """The loaded library, with how it was built."""
 
@@ -58,10 +76,6 @@ class ScanKernel:
     compiler: str
     flags: tuple[str, ...]
     library: ctypes.CDLL
-
-    @property
-    def parallel(self) -> bool:
-        return "-fopenmp" in self.flags
 
     def forward(
         self,
@@ -78,26 +92,13 @@ class ScanKernel:
         Returns ``y`` (L, batch, D), the states before steps 0, every, 2 every, ...
         (n, batch*D*N), and the last state (batch*D*N,).
         """
-        length, batch, dim = dl.shape
-        n = A.shape[1]
-        groups = Bl.shape[2] if Bl is not None and Bl.dim() == 4 else 1
-        lanes = pick_lanes(dim // groups)
-        y = dl.new_empty(length, batch, dim)
-        n_starts = -(-length // every) if every > 0 else 0
-        starts = dl.new_empty(max(n_starts, 1), batch * dim * n)
-        last = dl.new_empty(batch * dim * n)
+        shape = _Shape.of(dl, A, Bl)
+        state = shape.batch * shape.dim * shape.n
+        y = dl.new_empty(shape.length, shape.batch, shape.dim)
+        n_starts = -(-shape.length // every) if every > 0 else 0
+        starts, last = dl.new_empty(max(n_starts, 1), state), dl.new_empty(state)
         tensors = (dl, dul, A, Bl, Cl, h0, y, starts, last)
-        _check_tensors(tensors)
-        pointers = [0 if t is None else t.data_ptr() for t in tensors]
-        threads = min(torch.get_num_threads(), batch * (dim // lanes))
-        rc = self.library.medlite_scan_forward(
-            *pointers,
-            length, batch, dim, n, groups,
-            _mode(Bl), _mode(Cl),
-            every, lanes, max(threads, 1),
-        )  # fmt: skip
-        if rc != 0:
-            raise ValueError(f"native scan: shapes not supported (L={length}, D={dim}, N={n})")
+        self._run(self.library.medlite_scan_forward, shape, tensors, (Bl, Cl), every)
         return y, starts[:n_starts], last
 
     def backward(
@@ -116,35 +117,22 @@ class ScanKernel:
         Returns the gradients of ``dl``, ``dul``, ``A``, ``Bl`` and ``Cl`` (None for an absent
         B/C), shaped like them.
         """
-        length, batch, dim = dl.shape
-        n = A.shape[1]
-        groups = Bl.shape[2] if Bl is not None and Bl.dim() == 4 else 1
-        lanes = pick_lanes(dim // groups)
-        per_group = dim // groups // lanes
-        g_dl, g_dul = torch.empty_like(dl), torch.empty_like(dul)
-        g_A = dl.new_empty(batch, dim, n)
+        shape = _Shape.of(dl, A, Bl)
+        per_group = shape.dim // shape.groups // shape.lanes
+        per_channel = (shape.batch, shape.dim, shape.n)  # summed over the batch below
 
         def grad_buffer(m):
             if m is None:
                 return None
             if m.dim() == 2:
-                return dl.new_empty(batch, dim, n)
-            return dl.new_empty(length, batch, groups, per_group, n)
+                return dl.new_empty(per_channel)
+            # one slice per work item of a group, summed over them below
+            return dl.new_empty(shape.length, shape.batch, shape.groups, per_group, shape.n)
 
+        g_dl, g_dul, g_A = torch.empty_like(dl), torch.empty_like(dul), dl.new_empty(per_channel)
         g_B, g_C = grad_buffer(Bl), grad_buffer(Cl)
         tensors = (dl, dul, A, Bl, Cl, starts, gy, g_dl, g_dul, g_A, g_B, g_C)
-        _check_tensors(tensors)
-        threads = min(torch.get_num_threads(), batch * (dim // lanes))
-        rc = self.library.medlite_scan_backward(
-            *[0 if t is None else t.data_ptr() for t in tensors],
-            length, batch, dim, n, groups,
-            _mode(Bl), _mode(Cl),
-            every, lanes, max(threads, 1),
-        )  # fmt: skip
-        if rc == -2:
-            raise MemoryError("native scan backward: out of memory for a block of states")
-        if rc != 0:
-            raise ValueError(f"native scan: shapes not supported (L={length}, D={dim}, N={n})")
+        self._run(self.library.medlite_scan_backward, shape, tensors, (Bl, Cl), every)
 
         def reduce(g):
             if g is None:
@@ -153,18 +141,29 @@ class ScanKernel:
 
         return g_dl, g_dul, g_A.sum(0), reduce(g_B), reduce(g_C)
 
+    @staticmethod
+    def _run(entry, shape: _Shape, tensors, bc, every: int) -> None:
+        for t in tensors:
+            if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.is_cuda):
+                raise ValueError("native scan: inputs must be contiguous fp32 CPU tensors")
+        work_items = shape.batch * (shape.dim // shape.lanes)
+        rc = entry(
+            *[0 if t is None else t.data_ptr() for t in tensors],
+            shape.length, shape.batch, shape.dim, shape.n, shape.groups,
+            *(_mode(m) for m in bc),
+            every, shape.lanes, max(1, min(torch.get_num_threads(), work_items)),
+        )  # fmt: skip
+        if rc == -2:
+            raise MemoryError("native scan: out of memory for a block of states")
+        if rc != 0:
+            raise ValueError(f"native scan: shapes not supported ({shape})")
+
     def exp(self, x: torch.Tensor) -> torch.Tensor:
         """The kernel's own ``exp`` (for testing its accuracy)."""
         x = x.float().contiguous()
         out = torch.empty_like(x)
         self.library.medlite_exp(x.data_ptr(), out.data_ptr(), x.numel())
         return out
-
-
-def _check_tensors(tensors) -> None:
-    for t in tensors:
-        if t is not None and (t.dtype != torch.float32 or not t.is_contiguous() or t.is_cuda):
-            raise ValueError("native scan: inputs must be contiguous fp32 CPU tensors")
 
 
 def _mode(m: torch.Tensor | None) -> int:
