@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -31,6 +31,24 @@ def add_macs(n: int) -> None:
     """Custom ops call this with the multiply-accumulates they perform (counted only while profiling)."""
     if getattr(_extra, "active", False):
         _extra.macs += int(n)
+
+
+def note_implementation(op: str, implementation: str) -> None:
+    """Custom ops call this with the implementation they ran (recorded only while timing), so a
+    profile says whether its latency came from, e.g., the C scan kernel or its PyTorch
+    fallback: the two differ 2x, and which one runs depends on the machine."""
+    seen = getattr(_extra, "implementations", None)
+    if seen is not None:
+        seen.setdefault(op, set()).add(implementation)
+
+
+@contextlib.contextmanager
+def _recording_implementations() -> Iterator[dict[str, set[str]]]:
+    _extra.implementations = seen = {}
+    try:
+        yield seen
+    finally:
+        _extra.implementations = None
 
 
 @contextlib.contextmanager
@@ -133,6 +151,8 @@ class EfficiencyProfile:
     throughput_batch: int
     throughput_ips: float  # images per second at throughput_batch
     peak_memory_mb: float | None  # extra RSS of one batch-1 forward (Linux)
+    # custom ops' implementations during the timing, e.g. {"selective_scan": "native"}
+    implementations: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -167,9 +187,10 @@ def profile_model(
         one = torch.randn(1, *input_shape)
         memory = peak_forward_memory_mb(model, one)  # first, before caches are warm
         macs = known["macs"] if "macs" in known else count_macs(model, one)
-        lat = sorted(_time_ms(model, one, warmup, repeats))
-        batch = torch.randn(throughput_batch, *input_shape)
-        t_batch = _time_ms(model, batch, 1, max(3, repeats // 10))
+        with _recording_implementations() as seen:
+            lat = sorted(_time_ms(model, one, warmup, repeats))
+            batch = torch.randn(throughput_batch, *input_shape)
+            t_batch = _time_ms(model, batch, 1, max(3, repeats // 10))
         return EfficiencyProfile(
             params=known.get("params", count_parameters(model)),
             macs=macs,
@@ -181,6 +202,7 @@ def profile_model(
             throughput_batch=throughput_batch,
             throughput_ips=round(throughput_batch / (statistics.median(t_batch) / 1000), 2),
             peak_memory_mb=None if memory is None else round(memory, 3),
+            implementations={op: "+".join(sorted(names)) for op, names in seen.items()},
         )
     finally:
         model.train(was_training)

@@ -136,6 +136,7 @@ def print_summary(results: dict, console: Console | None = None) -> None:
         console.print(
             f"MACs {eff['macs'] / 1e6:.1f} M | {eff['size_mb']:.2f} MB | CPU latency (batch 1, {eff['threads']} threads) "
             f"{eff['latency_ms']:.2f} ms | throughput {eff['throughput_ips']:.0f} img/s (batch {eff['throughput_batch']})"
+            + "".join(f" | {op}: {impl}" for op, impl in (eff.get("implementations") or {}).items())
         )
     params = results.get("model", {}).get("params")
     console.print(

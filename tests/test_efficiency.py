@@ -59,3 +59,21 @@ def test_profile_fields_are_consistent() -> None:
     )  # fp32 weights + BN buffers + pickle overhead
     assert prof.latency_p90_ms >= prof.latency_ms > 0 and prof.throughput_ips > 0
     assert model.training, "train mode restored"
+    assert prof.implementations == {}  # no custom ops
+
+
+def test_profile_records_which_scan_implementation_was_timed(monkeypatch) -> None:
+    """A linear model's latency says whether the C kernel or the PyTorch scan produced it."""
+    import importlib
+
+    ss = importlib.import_module("medlite.models.ops.selective_scan")
+    kernel_here = ss.native_kernel() is not None
+    for name, op in (("vim", "selective_scan"), ("vrwkv", "wkv")):
+        model = create_model(name, 2, 1, 28)
+        prof = profile_model(model, (1, 28, 28), repeats=2, warmup=1, throughput_batch=2)
+        assert prof.implementations == {op: "native" if kernel_here else "fast"}
+        with monkeypatch.context() as m:
+            m.setattr(ss, "native_kernel", lambda: None)
+            prof = profile_model(model, (1, 28, 28), repeats=2, warmup=1, throughput_batch=2)
+        assert prof.implementations == {op: "fast"}
+    model(torch.zeros(1, 1, 28, 28))  # outside profiling: nothing is recorded, nothing breaks

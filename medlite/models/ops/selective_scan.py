@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from medlite import efficiency
 from medlite.errors import MedliteError
 from medlite.models.ops import native
 
@@ -254,6 +255,7 @@ def selective_scan(
             backend = "mamba_ssm"
         else:
             backend = "native" if native_kernel_for(u, A.shape[-1]) else "fast"
+    efficiency.note_implementation("selective_scan", backend)
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if backend == "mamba_ssm":
         return _selective_scan_mamba(*args)

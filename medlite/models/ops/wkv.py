@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from medlite import efficiency
 from medlite.models.ops.selective_scan import (
     _scan_time_major,
     export_chunking,
@@ -84,8 +85,10 @@ def wkv_bidirectional(
     if backend not in BACKENDS:
         raise ValueError(f"wkv_bidirectional backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "ref":
+        efficiency.note_implementation("wkv", "ref")
         return wkv_bidirectional_ref(w, u, k, v)
     if backend == "export" or tracing_for_export(k):
+        efficiency.note_implementation("wkv", "export")
         return _wkv_export(w, u, k, v)
     _check(w, u, k, v)
     kernel = None
@@ -93,6 +96,7 @@ def wkv_bidirectional(
         kernel = require_native_kernel(k, 1)
     elif backend == "auto":
         kernel = native_kernel_for(k, 1)
+    efficiency.note_implementation("wkv", "fast" if kernel is None else "native")
     batch, length, channels = k.shape
     if length == 0:
         return k.new_zeros(k.shape)
