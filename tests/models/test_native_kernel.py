@@ -234,3 +234,15 @@ def test_models_give_the_same_logits_with_and_without_the_kernel(kernel, name, m
         monkeypatch.setattr(ss_module, "native_kernel", lambda: None)
         without = model(x)
     assert _max_err(with_kernel, without) <= 1e-4 * max(1.0, without.abs().max().item())
+
+
+def test_unwritable_cache_builds_in_a_temporary_folder(kernel, fresh_kernel, tmp_path):
+    blocked = tmp_path / "cache"
+    blocked.write_text("a file where the cache folder should be")  # mkdir fails, even as root
+    fresh_kernel.setenv("MEDLITE_CACHE_DIR", str(blocked))
+    built = native.load()
+    assert built is not None and not built.path.is_relative_to(blocked)
+    inputs = _inputs(1, 16, 4, 30, 1)
+    with torch.no_grad():
+        expected = selective_scan_ref(**inputs, delta_softplus=True)
+        assert _max_err(selective_scan(**inputs, delta_softplus=True), expected) <= 1e-4

@@ -16,6 +16,7 @@ PyTorch path, 2-5x slower. ``MEDLITE_NATIVE=0`` switches the kernel off.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
@@ -256,17 +257,20 @@ def _build(compiler: str, flags: tuple[str, ...]) -> pathlib.Path:
             for s in (source, compiler, version, " ".join(flags), _cpu_identity())
         )
     ).hexdigest()[:20]
+    name = f"scan_{key}.so"
     folder = cache_dir() / "kernels"
+    if (folder / name).exists():
+        return folder / name
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"scan_{key}", suffix=".so.part", dir=folder)
     except OSError:  # a read-only cache: build for this process only
         folder = pathlib.Path(tempfile.mkdtemp(prefix="medlite-kernels-"))
-    target = folder / f"scan_{key}.so"
-    if target.exists():
-        return target
-    start = time.perf_counter()
-    fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".so.part", dir=folder)
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"scan_{key}", suffix=".so.part", dir=folder)
     os.close(fd)
+    target = folder / name
+    start = time.perf_counter()
     try:
         subprocess.run(
             [compiler, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)],
