@@ -72,11 +72,11 @@ def wkv_bidirectional(
         u: (C,) bonus of the token itself (``spatial_first / T`` in Vision-RWKV's code).
         k, v: (batch, T, C) keys and values.
         backend: ``"auto"`` (``"native"`` where the C kernel runs, else ``"fast"``),
-            ``"native"`` (the O(T*C) scan with its forward pass in medlite's C kernel on CPU,
-            see :mod:`.native`), ``"fast"`` (the O(T*C) scan in PyTorch), ``"ref"`` (O(T^2) softmax form) or
-            ``"export"`` (chunked, standard tensor ops only, traceable with a dynamic batch;
-            what ``"auto"``/``"fast"`` run while a graph is exported or traced). There is no
-            CUDA kernel to dispatch to; the fast path runs on CPU and GPU.
+            ``"native"`` (the O(T*C) scan with its loops in medlite's C kernel, CPU only, see
+            :mod:`.native`), ``"fast"`` (the O(T*C) scan in PyTorch), ``"ref"`` (O(T^2)
+            softmax form) or ``"export"`` (chunked, standard tensor ops only, traceable with a
+            dynamic batch; what auto, native and fast run while a graph is exported or traced).
+            There is no CUDA kernel to dispatch to; the fast path runs on CPU and GPU.
         chunk_size: time steps per chunk of the scan (tuning knob; not used by ``"export"``).
 
     Returns:
