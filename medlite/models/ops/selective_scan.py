@@ -412,7 +412,7 @@ def _selective_scan_mamba(u, delta, A, B, C, D, z, delta_bias, delta_softplus, r
 def _selective_scan_fast(
     u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state, *, chunk_size, kernel
 ):
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    """(Shapes are checked by :func:`selective_scan`.)"""
     if chunk_size < 1:
         raise ValueError(f"selective_scan: chunk_size must be >= 1, got {chunk_size}")
     with fp32_region(u.device):
@@ -515,69 +515,72 @@ class _ScanFn(torch.autograd.Function):
         gy = _pad_time(gy.float(), plan.padded)
         if ctx.kernel is not None:
             grads = ctx.kernel.backward(dl, dul, A, Bl, Cl, starts, gy, every=plan.block)
-            g_dl, g_dul, g_A, g_B, g_C = grads
-            length = plan.length
-            g_B = g_B[:length] if g_B is not None and g_B.dim() == 4 else g_B
-            g_C = g_C[:length] if g_C is not None and g_C.dim() == 4 else g_C
-            return g_dl[:length], g_dul[:length], g_A, g_B, g_C, None, None
-        b, d, n, g, hd = plan.batch, plan.dim, plan.n, plan.groups, plan.heads
-        g_dl = torch.empty_like(dl)
-        g_dul = torch.empty_like(dul)
-        g_A = torch.zeros_like(A)
-        g_B, g_C = _grad_buffer(Bl), _grad_buffer(Cl)
-        size = (min(plan.block, plan.padded), b, d, n)
-        a_buf, h_buf, p_buf, lam_buf = (dl.new_empty(size) for _ in range(4))
-        carry = dl.new_zeros(plan.state)  # decay(t_next) * lambda(t_next) from the next block
-        blocks = plan.blocks()
-        for i in range(len(blocks) - 1, -1, -1):
-            t0, t1 = blocks[i]
-            lb, k, q = t1 - t0, (t1 - t0) // plan.q, plan.q
-            a, h, p, lam = a_buf[:lb], h_buf[:lb], p_buf[:lb], lam_buf[:lb]
-            dblk = dl[t0:t1]
-            start = starts[i]
-            _block_states(plan, dblk, dul[t0:t1], A, Bl, t0, start, a, h, p)
-            # lambda_t = dL/dh_t = gy_t C_t + a_{t+1} lambda_{t+1}, backwards in time.
-            gyb = gy[t0:t1]
-            _outer(plan, gyb, _rows(Cl, t0, t1), out=lam)
-            a3, lam3, p3 = a.view(k, q, -1), lam.view(k, q, -1), p.view(k, q, -1)
-            lam3[k - 1, q - 1].add_(carry)
-            a_s, lam_s = a3.unbind(1), lam3.unbind(1)
-            if k > 1:  # r_s = prod_{r > s in chunk} a_r, for chunks 0..k-2 (reuses p)
-                p3[: k - 1, q - 1].fill_(1.0)
-                a_head, r_head = a3[: k - 1].unbind(1), p3[: k - 1].unbind(1)
-            for s in range(q - 2, -1, -1):
-                lam_s[s].addcmul_(a_s[s + 1], lam_s[s + 1])
-                if k > 1:
-                    torch.mul(r_head[s + 1], a_head[s + 1], out=r_head[s])
-            lam_c, r_c, a_c = lam3.unbind(0), p3.unbind(0), a3.unbind(0)
-            for j in range(k - 2, -1, -1):
-                lam_c[j].addcmul_(r_c[j], a_c[j + 1][0] * lam_c[j + 1][0])
-            carry = a3[0, 0] * lam3[0, 0]
-            # x_t = du_t B_t: grads of du and B; y_t = C_t . h_t: grad of C. ``p`` is free now
-            # and serves as scratch (multiply + sum beats bmm for the reductions over N).
-            dub = dul[t0:t1]
-            _contract(plan, lam, _rows(Bl, t0, t1), out=g_dul[t0:t1], scratch=p)
-            if Bl is not None and Bl.dim() == 4:  # sums over a group's channels: bmm is fastest
-                lam_g = lam.view(lb * b * g, hd, n)
-                torch.matmul(dub.reshape(lb * b * g, 1, hd), lam_g, out=_row(g_B[t0:t1]))
-            elif Bl is not None:
-                g_B += torch.mul(lam, dub.unsqueeze(-1), out=p).sum((0, 1))
-            if Cl is not None and Cl.dim() == 4:
-                h_g = h.view(lb * b * g, hd, n)
-                torch.matmul(gyb.reshape(lb * b * g, 1, hd), h_g, out=_row(g_C[t0:t1]))
-            elif Cl is not None:
-                g_C += torch.mul(h, gyb.unsqueeze(-1), out=p).sum((0, 1))
-            # a_t = exp(delta_t A): dL/d(delta_t A) = lambda_t a_t h_{t-1}.
-            e = a.mul_(lam).view(lb, -1)
-            e[1:].mul_(h.view(lb, -1)[:-1])
-            e[0].mul_(start)
-            e = e.view(lb, b, d, n)
-            torch.sum(torch.mul(e, A, out=p), dim=-1, out=g_dl[t0:t1])
-            g_A += torch.mul(e, dblk.unsqueeze(-1), out=p).sum((0, 1))
+        else:
+            grads = _backward_blocks(plan, dl, dul, A, Bl, Cl, starts, gy)
+        g_dl, g_dul, g_A, g_B, g_C = grads
         length = plan.length
         g_B = g_B[:length] if g_B is not None and g_B.dim() == 4 else g_B
         g_C = g_C[:length] if g_C is not None and g_C.dim() == 4 else g_C
         return g_dl[:length], g_dul[:length], g_A, g_B, g_C, None, None
+
+
+def _backward_blocks(plan: _Plan, dl, dul, A, Bl, Cl, starts, gy):
+    """The PyTorch backward on padded tensors: gradients of dl, dul, A, Bl and Cl."""
+    b, d, n, g, hd = plan.batch, plan.dim, plan.n, plan.groups, plan.heads
+    g_dl = torch.empty_like(dl)
+    g_dul = torch.empty_like(dul)
+    g_A = torch.zeros_like(A)
+    g_B, g_C = _grad_buffer(Bl), _grad_buffer(Cl)
+    size = (min(plan.block, plan.padded), b, d, n)
+    a_buf, h_buf, p_buf, lam_buf = (dl.new_empty(size) for _ in range(4))
+    carry = dl.new_zeros(plan.state)  # decay(t_next) * lambda(t_next) from the next block
+    blocks = plan.blocks()
+    for i in range(len(blocks) - 1, -1, -1):
+        t0, t1 = blocks[i]
+        lb, k, q = t1 - t0, (t1 - t0) // plan.q, plan.q
+        a, h, p, lam = a_buf[:lb], h_buf[:lb], p_buf[:lb], lam_buf[:lb]
+        dblk = dl[t0:t1]
+        start = starts[i]
+        _block_states(plan, dblk, dul[t0:t1], A, Bl, t0, start, a, h, p)
+        # lambda_t = dL/dh_t = gy_t C_t + a_{t+1} lambda_{t+1}, backwards in time.
+        gyb = gy[t0:t1]
+        _outer(plan, gyb, _rows(Cl, t0, t1), out=lam)
+        a3, lam3, p3 = a.view(k, q, -1), lam.view(k, q, -1), p.view(k, q, -1)
+        lam3[k - 1, q - 1].add_(carry)
+        a_s, lam_s = a3.unbind(1), lam3.unbind(1)
+        if k > 1:  # r_s = prod_{r > s in chunk} a_r, for chunks 0..k-2 (reuses p)
+            p3[: k - 1, q - 1].fill_(1.0)
+            a_head, r_head = a3[: k - 1].unbind(1), p3[: k - 1].unbind(1)
+        for s in range(q - 2, -1, -1):
+            lam_s[s].addcmul_(a_s[s + 1], lam_s[s + 1])
+            if k > 1:
+                torch.mul(r_head[s + 1], a_head[s + 1], out=r_head[s])
+        lam_c, r_c, a_c = lam3.unbind(0), p3.unbind(0), a3.unbind(0)
+        for j in range(k - 2, -1, -1):
+            lam_c[j].addcmul_(r_c[j], a_c[j + 1][0] * lam_c[j + 1][0])
+        carry = a3[0, 0] * lam3[0, 0]
+        # x_t = du_t B_t: grads of du and B; y_t = C_t . h_t: grad of C. ``p`` is free now
+        # and serves as scratch (multiply + sum beats bmm for the reductions over N).
+        dub = dul[t0:t1]
+        _contract(plan, lam, _rows(Bl, t0, t1), out=g_dul[t0:t1], scratch=p)
+        if Bl is not None and Bl.dim() == 4:  # sums over a group's channels: bmm is fastest
+            lam_g = lam.view(lb * b * g, hd, n)
+            torch.matmul(dub.reshape(lb * b * g, 1, hd), lam_g, out=_row(g_B[t0:t1]))
+        elif Bl is not None:
+            g_B += torch.mul(lam, dub.unsqueeze(-1), out=p).sum((0, 1))
+        if Cl is not None and Cl.dim() == 4:
+            h_g = h.view(lb * b * g, hd, n)
+            torch.matmul(gyb.reshape(lb * b * g, 1, hd), h_g, out=_row(g_C[t0:t1]))
+        elif Cl is not None:
+            g_C += torch.mul(h, gyb.unsqueeze(-1), out=p).sum((0, 1))
+        # a_t = exp(delta_t A): dL/d(delta_t A) = lambda_t a_t h_{t-1}.
+        e = a.mul_(lam).view(lb, -1)
+        e[1:].mul_(h.view(lb, -1)[:-1])
+        e[0].mul_(start)
+        e = e.view(lb, b, d, n)
+        torch.sum(torch.mul(e, A, out=p), dim=-1, out=g_dl[t0:t1])
+        g_A += torch.mul(e, dblk.unsqueeze(-1), out=p).sum((0, 1))
+    return g_dl, g_dul, g_A, g_B, g_C
 
 
 def _forward_blocks(plan: _Plan, dl, dul, A, Bl, Cl):
@@ -746,8 +749,8 @@ def _chunked_scan(
 
 def _selective_scan_export(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state):
     """The selective scan from standard tensor ops, with no Python arithmetic on the batch size
-    (see the module docstring): traceable by torch.export, both ONNX exporters and jit.trace."""
-    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    (see the module docstring): traceable by torch.export, both ONNX exporters and jit.trace.
+    Shapes are checked by :func:`selective_scan`."""
     length = u.shape[-1]
     with fp32_region(u.device):
         u32 = u.float()
