@@ -7,9 +7,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from medlite.data import medmnist, synthetic
 from medlite.errors import ConfigError
 from medlite.models.registry import PARADIGMS
+from medlite.tasks import Task
 
 
 def in_multirun() -> bool:
@@ -41,6 +41,8 @@ def _get(cfg: DictConfig, key: str):
         return OmegaConf.select(cfg, key, throw_on_missing=True)
     except MissingMandatoryValue:
         hint = " (choose a dataset option, e.g. data=breastmnist)" if key == "data.flag" else ""
+        if key == "data.root":
+            hint = " (the folder of your images: data.root=/path/to/study)"
         raise ConfigError(f"config value '{key}' is required but not set{hint}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"config value '{key}' could not be resolved: {err}") from None
@@ -65,18 +67,18 @@ def _number(
 
 
 def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the key and the valid values for the first problem found."""
-    flag = _get(cfg, "data.flag")
-    size = _get(cfg, "data.size")
-    if synthetic.is_synthetic(flag):
-        valid = synthetic.SIZES_3D if flag.endswith("3d") else synthetic.SIZES_2D
-    else:
-        medmnist.get_info(flag)  # unknown flag -> ConfigError with suggestions
-        valid = medmnist.valid_sizes(flag)
-    if size not in valid:
-        raise ConfigError(
-            f"data.size={size!r} is not available for {flag}; valid sizes: {', '.join(map(str, valid))}"
-        )
+    """Raise ConfigError naming the key and the valid values for the first problem found.
+
+    What a dataset option may hold (flag, size, folder) is its source's to check, when the
+    datamodule is built; here are the settings every run shares.
+    """
+    data = _get(cfg, "data")
+    if data is None or ("_target_" not in data and "flag" not in data):
+        raise ConfigError("no dataset chosen; pick a data option, e.g. data=breastmnist")
+    for key in data:  # required source settings (flag, root) fail here, with a hint
+        if OmegaConf.is_missing(data, key):
+            _get(cfg, f"data.{key}")
+    _number(cfg, "data.size", low=8, integer=True)
     input_size = _get(cfg, "model.input_size")
     if input_size is not None:
         _number(cfg, "model.input_size", low=8, integer=True)
@@ -101,8 +103,21 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"scheduler.warmup is a fraction of training in [0, 1) or null, got {warmup!r}"
         )
+    weights = _get(cfg, "loss.class_weights") if OmegaConf.select(cfg, "loss") else None
+    if isinstance(weights, str) and weights != "auto":
+        raise ConfigError(f"loss.class_weights must be null, auto or a list, got {weights!r}")
+
+
+def optimized_metric(cfg: DictConfig, task: Task) -> str:
+    """``optimized_metric`` (what the run returns to sweepers): null means the task's monitored
+    metric; otherwise ``val/<metric>`` or ``test/<metric>`` of the task's metrics."""
     metric = _get(cfg, "optimized_metric")
-    if metric not in ("val/auc", "val/acc", "test/auc", "test/acc"):
+    if metric is None:
+        return task.monitor()
+    valid = [f"{split}/{m}" for split in ("val", "test") for m in task.metric_names]
+    if metric not in valid:
         raise ConfigError(
-            f"optimized_metric must be one of val/auc, val/acc, test/auc, test/acc; got {metric!r}"
+            f"optimized_metric={metric!r} is not a metric of this {task.type} task; "
+            f"choose one of {', '.join(valid)} (or null: {task.monitor()})"
         )
+    return str(metric)

@@ -8,99 +8,29 @@ profile -> results.json -> [export with parity checks and the model card (``expo
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medlite import config as config_checks
 from medlite import ddp
+from medlite.build import build_datamodule, build_model
 from medlite.compress import RunContext, build_steps
 from medlite.compress.recipe import check_recipe, run_recipe
 from medlite.compress.teacher import obtain_teacher, plan_teacher
-from medlite.data.datamodule import MedMNISTDataModule
 from medlite.deploy.export import export_run, settings_from_config
 from medlite.efficiency import profile_model, profile_settings
 from medlite.errors import MedliteError, TrainingError
-from medlite.models import count_parameters, create_model
+from medlite.models import count_parameters
+from medlite.outputs import remove_failed_start
 from medlite.results import git_revision, lookup, package_versions, print_summary, write_json
-from medlite.resume import (
-    Resume,
-    _hydra_task_overrides,
-    _leave_hydra_run_dir,
-    _metrics_before,
-    _restore_csv_metrics,
-    prepare_resume,
-)
+from medlite.resume import Resume, begin_resume
 from medlite.sweeps.placement import place_job, placement_record
-from medlite.training import instantiate_group, train_phase
+from medlite.training import instantiate_group, loss_class_weights, train_phase
 
 log = logging.getLogger(__name__)
-
-
-def build_datamodule(cfg: DictConfig) -> MedMNISTDataModule:
-    d = cfg.data
-    return MedMNISTDataModule(
-        flag=d.flag,
-        size=d.size,
-        root=cfg.paths.data_dir,
-        cache_dir=cfg.paths.cache_dir,
-        download=d.download,
-        input_size=cfg.model.input_size,
-        as_rgb=d.as_rgb,
-        fit=d.fit,
-        mean=d.mean,
-        std=d.std,
-        augment=OmegaConf.to_container(d.augment, resolve=True) if d.augment else None,
-        batch_size=d.batch_size,
-        eval_batch_size=d.eval_batch_size,
-        num_workers=d.num_workers,
-        mmap=d.mmap,
-    )
-
-
-def build_model(
-    model_cfg: DictConfig, num_classes: int, in_chans: int, img_size: int
-) -> torch.nn.Module:
-    """A model (or teacher) config -> nn.Module."""
-    kwargs = (
-        OmegaConf.to_container(model_cfg.kwargs, resolve=True) if model_cfg.get("kwargs") else {}
-    )
-    return create_model(
-        model_cfg.arch,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        img_size=img_size,
-        pretrained=model_cfg.pretrained,
-        pretrained_file=model_cfg.get("pretrained_file"),
-        **kwargs,
-    )
-
-
-def _clean_failed_start(output_dir: Path, log_dir: Path) -> None:
-    """Remove what Hydra wrote for a run that failed before training: nothing half-written stays
-    (the run directory and the parents it left empty, up to ``paths.log_dir``)."""
-    for name in (".hydra", "train.log"):
-        target = output_dir / name
-        if target.is_dir():
-            shutil.rmtree(target, ignore_errors=True)
-        elif target.exists():
-            target.unlink()
-    log_dir, current = log_dir.resolve(), output_dir.resolve()
-    while True:
-        try:
-            current.rmdir()  # only if empty
-        except OSError:
-            return
-        current = current.parent
-        if current == log_dir or log_dir not in current.parents:
-            return
-
-
-# --------------------------------------------------------------------------- resuming a run
 
 
 def _finish_wandb(loggers: list, results: dict) -> None:
@@ -121,9 +51,7 @@ def run(cfg: DictConfig) -> float:
     secondary = ddp.is_secondary_rank()  # a DDP rank > 0: trains, records nothing
     try:
         if cfg.get("resume"):
-            log_dir = Path(cfg.paths.log_dir)
-            cfg, resume = prepare_resume(cfg, _hydra_task_overrides())
-            _leave_hydra_run_dir(resume.run_dir, log_dir)
+            cfg, resume = begin_resume(cfg, Path(cfg.paths.log_dir))
             output_dir = resume.run_dir
             log.info(
                 "Resuming %s from %s (epoch %d done, step %d)",
@@ -138,8 +66,11 @@ def run(cfg: DictConfig) -> float:
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         dm = build_datamodule(cfg)
         dm.setup()  # fails now, not mid-training, on a missing or corrupt file
+        task = dm.task
+        optimized_metric = config_checks.optimized_metric(cfg, task)
+        class_weights = loss_class_weights(cfg, dm)
         in_chans, img_size = dm.in_chans, dm.preprocess.input_size
-        model = build_model(cfg.model, dm.task.num_outputs, in_chans, img_size)
+        model = build_model(cfg.model, task.num_outputs, in_chans, img_size)
         steps = build_steps(
             OmegaConf.to_container(cfg.compress.steps, resolve=True) if cfg.compress.steps else []
         )
@@ -149,17 +80,18 @@ def run(cfg: DictConfig) -> float:
             for step in steps:
                 step.check(model, example)
         export_settings = settings_from_config(cfg.get("export"))
-        needs_teacher = any(getattr(s, "needs_teacher", False) for s in steps)
-        teacher_plan = plan_teacher(cfg) if needs_teacher else None
+        needs_teacher = any(s.needs_teacher for s in steps)
+        teacher_plan = plan_teacher(cfg, dm) if needs_teacher else None
     except MedliteError:
         target = resume.run_dir if resume else cfg.get("resume")
         if secondary:
             raise
         if not target or Path(str(target)).expanduser().resolve() != output_dir.resolve():
-            _clean_failed_start(output_dir, Path(cfg.paths.log_dir))  # never the resumed run
+            remove_failed_start(output_dir, Path(cfg.paths.log_dir))  # never the resumed run
         raise
 
-    kept_metrics = _metrics_before(output_dir / "metrics.csv", resume) if resume else None
+    data_records = [] if secondary else dm.write_records(output_dir)  # e.g. splits.csv
+    kept_metrics = resume.kept_metrics() if resume else None
     loggers = instantiate_group(cfg.get("logger"))
     results: dict = {
         "status": "running",
@@ -171,7 +103,12 @@ def run(cfg: DictConfig) -> float:
             "params": count_parameters(model),
         },
         "compress": {"name": cfg.compress.name, "steps": [s.kind for s in steps]},
-        "data": dm.describe(),
+        "task": task.record(),
+        "data": {**dm.describe(), "records": data_records},
+        "loss": {
+            "class_weights": None if class_weights is None else class_weights.tolist(),
+            "label_smoothing": cfg.label_smoothing,
+        },
         "seed": cfg.seed,
         "job": {**placement_record(placement), "processes": processes},
         "versions": package_versions(),
@@ -183,8 +120,8 @@ def run(cfg: DictConfig) -> float:
     try:
         for lg in loggers:
             lg.log_hyperparams(results["config"])
-        if kept_metrics is not None and not secondary:
-            _restore_csv_metrics(loggers, output_dir / "metrics.csv", *kept_metrics)
+        if resume is not None and not secondary:
+            resume.restore_metrics(loggers, kept_metrics)
         if steps:
             ctx = RunContext(cfg=cfg, datamodule=dm, output_dir=output_dir)
             teacher_info = None
@@ -209,6 +146,11 @@ def run(cfg: DictConfig) -> float:
                 results["efficiency"] = profile_model(
                     model, (in_chans, img_size, img_size), **profile_settings(cfg.profile)
                 ).as_dict()
+        results["optimized"] = {  # what sweepers optimise, and which way
+            "metric": optimized_metric,
+            "mode": task.monitor_mode,
+            "value": lookup(results, optimized_metric),
+        }
         results["status"] = "ok"
     except MedliteError as err:
         results["status"] = "failed"
@@ -226,7 +168,7 @@ def run(cfg: DictConfig) -> float:
     print_summary(results)
     if export_settings is not None:
         export_run(output_dir, export_settings)
-    return _optimized(results, cfg.optimized_metric)
+    return _optimized(results, optimized_metric)
 
 
 def _optimized(results: dict, metric: str) -> float:

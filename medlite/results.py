@@ -72,7 +72,7 @@ def git_revision(path: str | os.PathLike | None = None) -> str | None:
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no NaN; null means "undefined" (e.g. AUC with one class)
+        return None  # JSON has no NaN; null means "undefined" (e.g. a metric of one class only)
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -103,8 +103,8 @@ def read_json(path: str | os.PathLike) -> dict:
 
 
 def lookup(results: dict, path: str):
-    """A value of results.json by its slash path (``val/auc``, ``efficiency/macs``); None if
-    absent."""
+    """A value of results.json by its slash path (``val/auc``, ``optimized/value``,
+    ``efficiency/macs``); None if absent."""
     value = results
     for part in path.split("/"):
         if not isinstance(value, dict) or part not in value:
@@ -117,7 +117,8 @@ def print_summary(results: dict, console: Console | None = None) -> None:
     """The closing table of a run: test (and best validation) metrics, size, and where it all went."""
     console = console or Console()
     data = results.get("data", {})
-    title = f"{results.get('model', {}).get('name')} on {data.get('flag')} ({data.get('size')} px)"
+    name = data.get("name") or data.get("flag")
+    title = f"{results.get('model', {}).get('name')} on {name} ({data.get('size')} px)"
     if data.get("synthetic"):
         title += " [SYNTHETIC data]"
     table = Table(title=title)
@@ -147,21 +148,56 @@ def print_summary(results: dict, console: Console | None = None) -> None:
     console.print(f"run directory: [bold]{results.get('run_dir')}[/bold]")
 
 
+# ------------------------------------------------------------------ the task record, read back
+# Readers of runs never name a metric: they take the names, titles and order from the ``task``
+# block of results.json (``medlite.tasks.task_record`` rebuilds it for older files).
+
+
+def monitored_metric(record: dict) -> str:
+    """The name of the task's monitored metric (``val/<name>`` in the record)."""
+    return str(record.get("monitor") or "").rsplit("/", 1)[-1]
+
+
+def headline_metrics(record: dict) -> list[str]:
+    """The metrics compact tables show, primary first (the task's ``headline``)."""
+    names = list(record.get("headline") or record.get("metrics") or [])
+    return names or [monitored_metric(record)]
+
+
+def primary_metric(record: dict) -> tuple[str, str]:
+    """``(name, "max" | "min")``: the metric one-number summaries rank on (the first of the
+    headline) and which way is better. The record gives the direction of the monitored metric
+    only; another primary metric is taken as higher-is-better."""
+    name = headline_metrics(record)[0]
+    mode = str(record.get("mode") or "max") if name == monitored_metric(record) else "max"
+    return name, mode
+
+
+def metric_title(record: dict, metric: str) -> str:
+    """How tables title ``metric`` (the record's ``titles``; the name itself if untitled)."""
+    return (record.get("titles") or {}).get(metric, metric)
+
+
 def compression_table(results: dict) -> Table:
-    """Before/after: accuracy and cost of every stage of a compression recipe, side by side."""
+    """Before/after: accuracy (the task's headline metrics) and cost of every stage of a
+    compression recipe, side by side."""
+    from medlite.tasks import task_record
+
+    record = task_record(results)
+    metrics = headline_metrics(record)
     comp = results["compression"]
     table = Table(title=f"compress={results.get('compress', {}).get('name')}: before / after")
+    table.add_column("stage", justify="left")
+    for m in metrics:
+        table.add_column(f"test {metric_title(record, m)}", justify="right")
     for col in (
-        "stage",
-        "test AUC",
-        "test ACC",
         "params",
         "MACs (M)",
         "size (MB)",
         "latency bs1 (ms)",
         "throughput (img/s)",
     ):
-        table.add_column(col, justify="left" if col == "stage" else "right")
+        table.add_column(col, justify="right")
     first = comp["stages"][0].get("efficiency")
     for row in comp["stages"]:
         eff, test = row.get("efficiency") or {}, row.get("test") or {}
@@ -171,8 +207,7 @@ def compression_table(results: dict) -> Table:
             ratio = f" ({first['latency_ms'] / eff['latency_ms']:.1f}x)"
         table.add_row(
             row["stage"],
-            num(test.get("auc"), ".4f"),
-            num(test.get("acc"), ".4f"),
+            *(num(test.get(m), ".4f") for m in metrics),
             num(eff.get("params"), ","),
             num(eff["macs"] / 1e6 if eff.get("macs") is not None else None, ".2f"),
             num(eff.get("size_mb"), ".3f"),

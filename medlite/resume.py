@@ -1,8 +1,9 @@
 """Resuming a killed run (``python train.py resume=<run dir>``): its saved config, its last
 checkpoint, its W&B run id, and its metrics.csv rows up to that checkpoint.
 
-The pipeline calls :func:`prepare_resume` before anything else; the rest are the small steps
-that make a resumed run end exactly like an uninterrupted one.
+The pipeline calls :func:`begin_resume` before anything else, then :meth:`Resume.kept_metrics`
+and :meth:`Resume.restore_metrics`: the small steps that make a resumed run end exactly like an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from medlite.checkpoints import checkpoint_progress
 from medlite.errors import ConfigError
+from medlite.outputs import remove_failed_start
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,24 @@ class Resume:
             "global_step": self.global_step,
             "at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
+
+    def kept_metrics(self) -> tuple[list[str], list[dict]] | None:
+        """The rows of the interrupted run's metrics.csv logged up to its checkpoint (later ones
+        are logged again); None when there is no file."""
+        return _metrics_before(self.run_dir / "metrics.csv", self)
+
+    def restore_metrics(self, loggers: list, kept: tuple[list[str], list[dict]] | None) -> None:
+        """Put :meth:`kept_metrics` back after the CSV logger started (it deletes the file)."""
+        if kept is not None:
+            _restore_csv_metrics(loggers, self.run_dir / "metrics.csv", *kept)
+
+
+def begin_resume(cfg: DictConfig, log_dir: Path) -> tuple[DictConfig, Resume]:
+    """``cfg.resume`` -> the run's saved config and where to continue from; the fresh run
+    directory Hydra made for this command is removed and logging moves to the resumed run."""
+    cfg, resume = prepare_resume(cfg, _hydra_task_overrides())
+    _leave_hydra_run_dir(resume.run_dir, log_dir)
+    return cfg, resume
 
 
 def _hydra_task_overrides() -> list[str] | None:
@@ -122,14 +142,9 @@ def prepare_resume(
             "ended); start the run again"
         )
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True)
-        epoch = int(state["epoch"])
-        loop = state.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
-        step = int(loop.get("_batches_that_stepped", state["global_step"]))
-    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint is the same user problem
-        raise ConfigError(
-            f"resume={given}: {checkpoint} can't be read ({type(err).__name__}: {err})"
-        ) from None
+        epoch, step = checkpoint_progress(checkpoint)
+    except ConfigError as err:
+        raise ConfigError(f"resume={given}: {err}") from None
     with open_dict(saved):
         saved.resume = None
         saved.paths.output_dir = str(run_dir)
@@ -194,9 +209,7 @@ def _leave_hydra_run_dir(run_dir: Path, log_dir: Path) -> None:
             root.addHandler(moved)
             # its few lines so far are the start-up; a DDP rank's log is not train.log
             Path(handler.baseFilename).unlink(missing_ok=True)
-    from medlite.pipeline import _clean_failed_start
-
-    _clean_failed_start(fresh, log_dir)
+    remove_failed_start(fresh, log_dir)
 
 
 def _metrics_before(path: Path, resume: Resume) -> tuple[list[str], list[dict]] | None:

@@ -2,7 +2,8 @@
 
 An ordinary run has one phase. A compressed run may have several (train the teacher, train the
 base model, fine-tune after pruning, distil), each with its own checkpoints folder and metric
-prefix, all logged to the same loggers, each ending on its best-validation-AUC checkpoint.
+prefix, all logged to the same loggers, each ending on the checkpoint with the best value of the
+task's monitored metric (validation AUC for classification, the MedMNIST protocol).
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from torch import nn
 
 from medlite import ddp
 from medlite.callbacks import NaNGuard
+from medlite.checkpoints import lightning_state
 from medlite.compress.base import LossTerm
+from medlite.errors import ConfigError
 from medlite.modules import MedliteModule, module_class
 
 
@@ -90,6 +93,30 @@ class EpochSeed(pl.Callback):
             self._seed(trainer.current_epoch)
 
 
+def loss_class_weights(cfg: DictConfig, datamodule) -> torch.Tensor | None:
+    """``loss.class_weights``: null (none), ``auto`` (inverse training-split frequency, see the
+    task's ``class_weights``) or one positive number per class."""
+    setting = OmegaConf.select(cfg, "loss.class_weights", default=None)
+    if setting is None:
+        return None
+    task = datamodule.task
+    if setting == "auto":
+        return task.class_weights(datamodule.class_counts("train"), len(datamodule.splits["train"]))
+    values = list(setting) if OmegaConf.is_list(setting) or isinstance(setting, list) else None
+    if (
+        values is None
+        or len(values) != task.num_outputs
+        or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values
+        )
+    ):
+        raise ConfigError(
+            f"loss.class_weights must be null, auto, or {task.num_outputs} positive numbers "
+            f"(one per class: {', '.join(task.labels)}); got {setting!r}"
+        )
+    return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+
 def train_phase(
     cfg: DictConfig,
     model: nn.Module,
@@ -108,7 +135,7 @@ def train_phase(
     ckpt_path: str | Path | None = None,
 ) -> Phase:
     """Fit ``model`` (epochs: ``trainer.max_epochs`` unless given), reload the checkpoint with the
-    best validation AUC, validate it and (``test``) test it. ``ckpt_path``: resume the fit from
+    best value of the task's monitored metric, validate it and (``test``) test it. ``ckpt_path``: resume the fit from
     this checkpoint (weights, optimizer, LR scheduler, epoch/step counters, best-checkpoint
     tracking)."""
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
@@ -120,6 +147,7 @@ def train_phase(
         optim=optim,
         scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
         label_smoothing=cfg.label_smoothing,
+        class_weights=loss_class_weights(cfg, datamodule),
         loss_terms=loss_terms,
         task_loss_weight=task_loss_weight,
         log_prefix=prefix,
@@ -127,8 +155,8 @@ def train_phase(
     checkpoint = ModelCheckpoint(
         dirpath=ckpt_dir,
         filename="best-{epoch:03d}",
-        monitor=f"{prefix}val/auc",
-        mode="max",
+        monitor=datamodule.task.monitor(prefix),
+        mode=datamodule.task.monitor_mode,
         auto_insert_metric_name=False,
     )
     # last.ckpt after every epoch, what ``resume=<run dir>`` continues from. (Lightning 2.6
@@ -162,9 +190,8 @@ def train_phase(
         trainer = hydra.utils.instantiate(
             cfg.trainer, logger=list(loggers) or False, **ddp.single_process_overrides()
         )
-    if best:  # the MedMNIST protocol: keep the checkpoint with the best validation AUC
-        state = torch.load(best, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(state)
+    if best:  # keep the checkpoint with the best validation score (the MedMNIST protocol)
+        module.load_state_dict(lightning_state(best))
         trainer.validate(module, datamodule=datamodule, verbose=False)
     phase = Phase(module, best, val=dict(module.metrics.get("val", {})), world_size=world_size)
     if test:

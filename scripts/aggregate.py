@@ -27,9 +27,9 @@ from medlite.sweeps import aggregate as agg
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Aggregate the results.json of a sweep (or any folder of runs).",
-        epilog='example: --select "latency_ms<=5" "size_mb<=2" "auc>=0.85"  (keys: '
+        epilog='example: --select "latency_ms<=5" "size_mb<=2" "<metric>>=0.85"  (keys: '
         + ", ".join(agg.valid_keys())
-        + ")",
+        + ", and each test metric of the sweep's task by name, or as test_<metric>)",
     )
     parser.add_argument("sweep_dir", type=Path, help="sweep directory, run directory, or a parent")
     parser.add_argument("--out", type=Path, help="output folder (default: <sweep_dir>/aggregate)")
@@ -37,13 +37,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--select",
         nargs="+",
         metavar="CONSTRAINT",
-        help="budget such as latency_ms<=5 size_mb<=2 params<1e6 auc>=0.85; prints the best group",
+        help="budget such as latency_ms<=5 size_mb<=2 params<1e6, or on a test metric of the "
+        "sweep's task by its name (<metric>>=0.85); prints the best group",
     )
     parser.add_argument("--show-traceback", action="store_true", help="full traceback on errors")
     return parser.parse_args(argv)
 
 
-def summary_table(summary: Sequence[dict]) -> Table:
+def summary_table(summary: Sequence[dict], metrics: agg.SweepMetrics) -> Table:
+    """One row per group: the task's headline test metrics, cost and Pareto membership."""
     table = Table(title="sweep summary (test metrics: mean ± std over seeds)")
     for col in (
         "paradigm",
@@ -52,8 +54,7 @@ def summary_table(summary: Sequence[dict]) -> Table:
         "data/size",
         "n",
         "failed",
-        "test AUC",
-        "test ACC",
+        *(f"test {metrics.title(m)}" for m in metrics.headline),
         "params",
         "MACs",
         "size (MB)",
@@ -70,8 +71,7 @@ def summary_table(summary: Sequence[dict]) -> Table:
             f"{r['data']}/{r['size']}",
             str(r["n"]),
             str(r["n_failed"]) if r["n_failed"] else "",
-            agg.format_pm(r["test_auc"], r["test_auc_std"]),
-            agg.format_pm(r["test_acc"], r["test_acc_std"]),
+            *(agg.format_pm(*agg.metric_cells(r, m)) for m in metrics.headline),
             agg.format_count(r["params"]),
             agg.format_count(r["macs"]),
             agg.format_float(r["size_mb"]),
@@ -97,13 +97,18 @@ def _group_name(row: dict) -> str:
 
 
 def print_selection(
-    console: Console, summary: Sequence[dict], constraints: Sequence[str], choice: dict | None
+    console: Console,
+    summary: Sequence[dict],
+    constraints: Sequence[str],
+    choice: dict | None,
+    metrics: agg.SweepMetrics,
 ) -> None:
-    parsed = [agg.parse_constraint(c) for c in constraints]
+    parsed = [agg.parse_constraint(c, metrics) for c in constraints]
     budget = " and ".join(str(c) for c in parsed)
+    primary = metrics.title(metrics.primary)
     if choice is None:
         console.print(f"[bold red]no model meets the budget[/bold red] {escape(budget)}")
-        scored = [r for r in summary if r.get("n") and r.get("test_auc") is not None]
+        scored = agg.scored(summary, metrics)
         for c in parsed:
             meets = [r for r in scored if c.holds(r)]
             line = f"  {c}: {len(meets)} of {len(scored)} group(s)"
@@ -118,7 +123,7 @@ def print_selection(
         f"[bold green]selected[/bold green] for {escape(budget)}: [bold]{escape(_group_name(best))}[/bold]"
     )
     console.print(
-        f"  test AUC {agg.format_pm(best['test_auc'], best['test_auc_std'])} over {best['n']} "
+        f"  test {primary} {agg.format_pm(*agg.metric_cells(best, metrics.primary))} over {best['n']} "
         f"seed(s); latency {agg.format_float(best['latency_ms'])} ms, "
         f"{agg.format_float(best['size_mb'])} MB, {agg.format_count(best['params'])} params",
         highlight=False,
@@ -130,32 +135,39 @@ def print_selection(
             ),
             highlight=False,
         )
-    why = f"  why: highest mean test AUC of the {len(candidates)} group(s) meeting every constraint"
+    best_of = "highest" if metrics.higher_is_better else "lowest"
+    why = (
+        f"  why: {best_of} mean test {primary} of the {len(candidates)} group(s) meeting every "
+        "constraint"
+    )
     if len(candidates) > 1:
         nxt = candidates[1]
-        why += f"; runner-up {nxt['model']}/{nxt['compress']} at {agg.format_pm(nxt['test_auc'], None)}"
+        runner_up = agg.format_pm(nxt[metrics.primary_column], None)
+        why += f"; runner-up {nxt['model']}/{nxt['compress']} at {runner_up}"
     console.print(escape(why), highlight=False)
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
     records = agg.collect(args.sweep_dir)
+    metrics = agg.sweep_metrics(records)  # from the runs' task records
     if args.select:  # a bad constraint fails before any file is written
         for c in args.select:
-            agg.parse_constraint(c)
-    summary = agg.summarise(records)
+            agg.parse_constraint(c, metrics)
+    summary = agg.summarise(records, metrics)
     out = args.out or args.sweep_dir / "aggregate"
     print_jobs(console, records)
-    console.print(summary_table(summary))
-    paths = list(agg.write_tables(summary, out, records).values())
+    console.print(summary_table(summary, metrics))
+    paths = list(agg.write_tables(summary, out, records, metrics).values())
     datasets = sorted({r["data"] for r in summary}, key=str)
     for data in datasets:
         name = "pareto.png" if len(datasets) == 1 else f"pareto_{data}.png"
-        png = agg.plot_pareto([r for r in summary if r["data"] == data], out / name)
+        png = agg.plot_pareto([r for r in summary if r["data"] == data], out / name, metrics)
         if png is not None:
             paths.append(png)
     console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False)
     if args.select:
-        print_selection(console, summary, args.select, agg.select(summary, args.select))
+        choice = agg.select(summary, args.select, metrics)
+        print_selection(console, summary, args.select, choice, metrics)
     return 0
 
 

@@ -3,7 +3,8 @@
 For every dataset x model it trains the base model once, then runs each recipe from that same
 checkpoint (``compress.base_ckpt``), so "before" is one model measured in the same process as
 "after". Distillation is measured over seeds: student alone, teacher, student distilled from
-that teacher, and the fraction of the student-teacher AUC gap that KD recovers.
+that teacher, and the fraction of the student-teacher gap that KD recovers, on the task's primary
+metric (the first of its headline; AUC for MedMNIST classification).
 
     MEDLITE_DATA_DIR=../shared/data python scripts/bench_compress.py
     python scripts/bench_compress.py --datasets breastmnist --models litecnn --recipes ptq
@@ -24,8 +25,17 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from medlite.cli import quiet_third_party
+from medlite.console import quiet_third_party
 from medlite.pipeline import run_with_overrides
+from medlite.results import metric_title, primary_metric
+from medlite.tasks import task_record
+
+
+def _primary(results: dict) -> tuple[str, str]:
+    """(name, title) of a run's primary test metric, from its task record."""
+    record = task_record(results)
+    name, _ = primary_metric(record)
+    return name, metric_title(record, name)
 
 
 def _common(args, data: str) -> list[str]:
@@ -61,12 +71,15 @@ def compression_rows(args, console: Console) -> list[dict]:
                 )
                 before, after = res["compression"]["stages"][0], res["compression"]["stages"][-1]
                 b, a = before["efficiency"], after["efficiency"]
+                metric, title = _primary(res)
                 row = {
                     "data": data,
                     "model": model,
                     "recipe": recipe,
-                    "auc_before": before["test"]["auc"],
-                    "auc_after": after["test"]["auc"],
+                    "metric": metric,
+                    "title": title,
+                    "test_before": before["test"][metric],
+                    "test_after": after["test"][metric],
                     "size_ratio": b["size_mb"] / a["size_mb"],
                     "macs_ratio": b["macs"] / a["macs"] if a["macs"] else float("nan"),
                     "latency_ms_before": b["latency_ms"],
@@ -76,7 +89,8 @@ def compression_rows(args, console: Console) -> list[dict]:
                 }
                 rows.append(row)
                 console.print(
-                    f"{data} {model} {recipe}: AUC {row['auc_before']:.4f} -> {row['auc_after']:.4f}"
+                    f"{data} {model} {recipe}: {title} "
+                    f"{row['test_before']:.4f} -> {row['test_after']:.4f}"
                 )
     return rows
 
@@ -105,7 +119,8 @@ def kd_rows(args) -> list[dict]:
                 ],
                 args.reuse,
             )
-            per_seed.append((alone["test"]["auc"], teacher["test"]["auc"], kd["test"]["auc"]))
+            metric, title = _primary(alone)
+            per_seed.append((alone["test"][metric], teacher["test"][metric], kd["test"][metric]))
         s, t, k = (statistics.mean(v[i] for v in per_seed) for i in range(3))
         rows.append(
             {
@@ -113,10 +128,12 @@ def kd_rows(args) -> list[dict]:
                 "student": args.student,
                 "teacher": args.teacher,
                 "seeds": list(args.kd_seeds),
+                "metric": metric,
+                "title": title,
                 "per_seed": per_seed,
-                "auc_student": s,
-                "auc_teacher": t,
-                "auc_kd": k,
+                "test_student": s,
+                "test_teacher": t,
+                "test_kd": k,
                 "gap_recovered": (k - s) / (t - s) if t != s else float("nan"),
             }
         )
@@ -148,14 +165,24 @@ def main() -> None:
     (args.out / "summary.json").write_text(json.dumps({"compression": rows, "kd": kd}, indent=2))
 
     table = Table(title="compression on MedMNIST (28 px), before -> after, same process")
-    for col in ("data", "model", "recipe", "test AUC", "size", "MACs", "latency bs1", "thr. bs64"):
+    titles = ", ".join(dict.fromkeys(r["title"] for r in rows)) or "metric"
+    for col in (
+        "data",
+        "model",
+        "recipe",
+        f"test {titles}",
+        "size",
+        "MACs",
+        "latency bs1",
+        "thr. bs64",
+    ):
         table.add_column(col, justify="left" if col in ("data", "model", "recipe") else "right")
     for r in rows:
         table.add_row(
             r["data"],
             r["model"],
             r["recipe"],
-            f"{r['auc_before']:.3f} -> {r['auc_after']:.3f}",
+            f"{r['test_before']:.3f} -> {r['test_after']:.3f}",
             f"{r['size_ratio']:.2f}x smaller",
             f"{r['macs_ratio']:.2f}x fewer",
             f"{r['latency_ms_before']:.2f} -> {r['latency_ms_after']:.2f} ms ({r['speedup_bs1']:.2f}x)",
@@ -163,15 +190,16 @@ def main() -> None:
         )
     console.print(table)
     if kd:
-        kt = Table(title="knowledge distillation, test AUC (mean over seeds)")
+        titles = ", ".join(dict.fromkeys(r["title"] for r in kd))
+        kt = Table(title=f"knowledge distillation, test {titles} (mean over seeds)")
         for col in ("data", "student alone", "teacher", "student + KD", "gap recovered"):
             kt.add_column(col, justify="right")
         for r in kd:
             kt.add_row(
                 r["data"],
-                f"{r['auc_student']:.3f}",
-                f"{r['auc_teacher']:.3f}",
-                f"{r['auc_kd']:.3f}",
+                f"{r['test_student']:.3f}",
+                f"{r['test_teacher']:.3f}",
+                f"{r['test_kd']:.3f}",
                 f"{100 * r['gap_recovered']:.0f} %",
             )
         console.print(kt)

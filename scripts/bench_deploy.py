@@ -25,7 +25,8 @@ from rich.table import Table
 from medlite.deploy.benchmark import BenchmarkSettings, benchmark_run
 from medlite.deploy.export import ExportSettings, export_run
 from medlite.pipeline import run_with_overrides
-from medlite.results import write_json
+from medlite.results import metric_title, primary_metric, write_json
+from medlite.tasks import task_record
 
 
 def main() -> None:
@@ -70,12 +71,17 @@ def main() -> None:
         bench = benchmark_run(
             out, BenchmarkSettings(threads=args.threads, repeats=args.repeats, warmup=20)
         )
+        record = task_record(res)
+        metric, _ = primary_metric(record)
         summary.append(
             {
                 "model": model,
                 "paradigm": res["model"]["paradigm"],
                 "params": res["model"]["params"],
-                "test_auc": exp["reference"]["test"]["auc"],
+                "metric": metric,
+                "title": metric_title(record, metric),
+                "test_eager": exp["reference"]["test"][metric],
+                "test_int8": exp["formats"]["onnx_int8"]["test"][metric],
                 "formats": exp["formats"],
                 "rows": bench["rows"],
                 "machine": bench["machine"],
@@ -88,11 +94,12 @@ def main() -> None:
     table = Table(
         title=f"deployment on {summary[0]['machine']['cpu']} ({args.data}, 28 px, batch 1)"
     )
+    title = ", ".join(dict.fromkeys(s["title"] for s in summary))
     for col in (
         "model",
         "paradigm",
-        "AUC eager",
-        "AUC int8",
+        f"{title} eager",
+        f"{title} int8",
         "threads",
         "eager ms",
         "ORT fp32 ms",
@@ -109,8 +116,8 @@ def main() -> None:
             table.add_row(
                 s["model"],
                 s["paradigm"],
-                f"{s['test_auc']:.3f}",
-                f"{s['formats']['onnx_int8']['test']['auc']:.3f}",
+                f"{s['test_eager']:.3f}",
+                f"{s['test_int8']:.3f}",
                 str(t),
                 f"{rows['pytorch']['latency_ms']:.2f}",
                 f"{rows['onnx_fp32']['latency_ms']:.2f}",

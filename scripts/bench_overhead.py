@@ -20,8 +20,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from medlite.cli import quiet_third_party
-from medlite.data.datamodule import MedMNISTDataModule
+from medlite.console import quiet_third_party
+from medlite.data.datamodule import DataModule
+from medlite.data.sources.medmnist import MedMNISTSource
 from medlite.models import create_model
 from medlite.modules import module_class
 
@@ -29,7 +30,7 @@ LITECNN = {"widths": [24, 32, 64, 128], "depths": [1, 2, 2], "head_dim": 256}
 OPTIM = {"_target_": "torch.optim.AdamW", "lr": 3e-3, "weight_decay": 0.05}
 
 
-def hand_loop(model: torch.nn.Module, dm: MedMNISTDataModule, epochs: int) -> float:
+def hand_loop(model: torch.nn.Module, dm: DataModule, epochs: int) -> float:
     task = dm.task
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
     model.train()
@@ -55,7 +56,7 @@ class _Throughput(pl.Callback):
         self.rate = self.seen / (time.perf_counter() - self.start)
 
 
-def medlite_loop(model: torch.nn.Module, dm: MedMNISTDataModule, epochs: int, logdir: str) -> float:
+def medlite_loop(model: torch.nn.Module, dm: DataModule, epochs: int, logdir: str) -> float:
     module = module_class("cnn")(model, dm.task, optim=OPTIM, scheduler={"name": "cosine"})
     meter = _Throughput()
     trainer = pl.Trainer(
@@ -90,10 +91,8 @@ def main() -> None:
 
     import tempfile
 
-    dm = MedMNISTDataModule(
-        args.data,
-        root=args.data_dir,
-        download=False,
+    dm = DataModule(
+        MedMNISTSource(args.data, data_dir=args.data_dir, download=False),
         batch_size=args.batch_size,
         augment={"hflip": 0.5, "rotate": 10, "translate": 0.1, "scale": [0.9, 1.1]},
     )

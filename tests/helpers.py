@@ -26,7 +26,7 @@ def model_and_context(
     tmp_path: Path, overrides: list[str] = (), seed: int | None = None
 ) -> tuple[torch.nn.Module, RunContext]:
     """The configured model and the RunContext a compression step gets, on real config."""
-    from medlite.pipeline import build_datamodule, build_model
+    from medlite.build import build_datamodule, build_model
 
     cfg = make_cfg(tmp_path, list(overrides))
     dm = build_datamodule(cfg)

@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from medlite import ddp
 from medlite.errors import ConfigError
-from medlite.metrics import compute_metrics
+from medlite.tasks.classification_metrics import compute_metrics
 from tests.helpers import CONF_DIR, make_cfg, subprocess_env
 
 REPO = CONF_DIR.parent
@@ -61,7 +61,7 @@ def test_two_process_gloo_run_leaves_one_run_recorded_by_rank_zero(tmp_path):
 
     # rank 0's test metrics are those of the best checkpoint on the whole test split, each
     # image once (a distributed test would pad the split): recompute them in this process
-    from medlite.pipeline import build_datamodule, build_model
+    from medlite.build import build_datamodule, build_model
 
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
     dm = build_datamodule(cfg)

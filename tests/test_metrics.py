@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from medmnist.evaluator import getACC, getAUC
 
-from medlite.data.tasks import BINARY, MULTICLASS, MULTILABEL, ORDINAL
-from medlite.metrics import compute_metrics
+from medlite.tasks import BINARY, MULTICLASS, MULTILABEL, ORDINAL
+from medlite.tasks.classification_metrics import compute_metrics
 
 
 def _random_case(task: str, rng: np.random.Generator, n: int = 300):

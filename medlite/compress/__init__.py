@@ -1,13 +1,15 @@
 """Compression recipes: ``compress=<name>`` builds a list of steps from ``cfg.compress.steps``.
 
-Each technique lives in its own module and registers its step kinds with
-:func:`medlite.compress.registry.register_step`; importing this package registers them all.
+Each technique lives in its own module of this package and registers its step kinds with
+:func:`medlite.compress.registry.register_step`; importing the package discovers them all
+(:func:`~medlite.compress.registry.discover_steps`), so a new step kind is one module here plus a
+``conf/compress/<name>.yaml`` that uses it.
 """
 
 from __future__ import annotations
 
 from medlite.compress.base import CompressionStep, LossTerm, RunContext, frozen_copy
-from medlite.compress.registry import STEP_TYPES, register_step
+from medlite.compress.registry import STEP_TYPES, discover_steps, register_step
 from medlite.errors import ConfigError
 
 
@@ -35,18 +37,7 @@ def build_steps(step_cfgs: list[dict] | None) -> list[CompressionStep]:
     return steps
 
 
-def _register_builtin_steps() -> None:
-    import importlib
-
-    for module in ("kd", "prune", "quantize", "lowrank"):
-        try:
-            importlib.import_module(f"medlite.compress.{module}")
-        except ModuleNotFoundError as err:
-            if err.name != f"medlite.compress.{module}":
-                raise
-
-
-_register_builtin_steps()
+discover_steps()
 
 __all__ = [
     "STEP_TYPES",
@@ -54,6 +45,7 @@ __all__ = [
     "LossTerm",
     "RunContext",
     "build_steps",
+    "discover_steps",
     "frozen_copy",
     "register_step",
 ]

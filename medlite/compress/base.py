@@ -84,17 +84,27 @@ class CompressionStep:
     """Base step: every hook is a no-op, so a step overrides only what it changes.
 
     ``epochs`` and ``lr`` configure the training phase that follows ``prepare`` (0 epochs: none;
-    ``lr`` None: the run's optimiser learning rate).
+    ``lr`` None: the run's optimiser learning rate). What the recipe runner reads from a step is
+    declared here: ``terminal``, ``needs_teacher``, ``task_loss_weight``, ``extra_stages`` and
+    :meth:`artefact`.
     """
 
     kind = "step"  # set by @register_step
+    #: the step returns a model that can't be changed or trained further (an int8 session)
     terminal = False
+    #: the run must provide the ``teacher`` group's trained network (``RunContext.teacher``)
+    needs_teacher = False
+    #: weight of the task loss next to the step's own loss terms (``w_ce`` in distillation)
+    task_loss_weight = 1.0
 
     def __init__(self, epochs: int = 0, lr: float | None = None) -> None:
         self.epochs = int(epochs)
         self.lr = None if lr is None else float(lr)
         #: facts worth recording in results.json (sparsity, ranks, skipped layers...)
         self.report: dict[str, Any] = {}
+        #: other models the step made, measured as their own rows: ``{name: model}`` (e.g. the
+        #: fp32 network on the int8 runtime)
+        self.extra_stages: dict[str, nn.Module] = {}
 
     @property
     def name(self) -> str:
@@ -115,6 +125,11 @@ class CompressionStep:
 
     def finalize(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         return model
+
+    def artefact(self, model: nn.Module) -> Path | None:
+        """The file holding the step's final model when the step wrote one itself (an int8
+        ONNX file); None: the runner saves the module."""
+        return None
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:

@@ -12,8 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from medlite.data.tasks import Task
-from medlite.metrics import compute_metrics
+from medlite.tasks import Task
 
 
 def predict_scores(
@@ -37,6 +36,6 @@ def predict_scores(
 
 
 def evaluate(model: nn.Module, loader: DataLoader, task: Task) -> dict[str, float]:
-    """The run's metrics (AUC, ACC, ...) of ``model`` on ``loader``."""
+    """The task's metrics of ``model`` on ``loader``."""
     y, s = predict_scores(model, loader, task)
-    return compute_metrics(y, s, task.type)
+    return task.metrics(y, s)

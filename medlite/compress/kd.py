@@ -23,45 +23,14 @@ from torch.nn import functional as F
 
 from medlite.compress.base import CompressionStep, LossTerm, RunContext
 from medlite.compress.registry import register_step
-from medlite.data.tasks import Task
 from medlite.errors import ConfigError
+from medlite.models.adapters import TeacherInput
+from medlite.tasks import Task
 
 log = logging.getLogger(__name__)
 
 TEACHER_SOURCES = ("config", "base")
 FEATURE_KINDS = ("fitnet", "attention")
-
-
-class TeacherInput(nn.Module):
-    """Adapts the student's input batch to what the teacher was trained on: size and normalisation."""
-
-    def __init__(
-        self,
-        teacher: nn.Module,
-        size: int | None = None,
-        student_norm: tuple[list[float], list[float]] | None = None,
-        teacher_norm: tuple[list[float], list[float]] | None = None,
-    ) -> None:
-        super().__init__()
-        self.teacher, self.size = teacher, size
-        self.renorm = None
-        if student_norm and teacher_norm and student_norm != teacher_norm:
-            (ms, ss), (mt, st) = student_norm, teacher_norm
-            # x_t = (x_s * s_s + m_s - m_t) / s_t = x_s * a + b
-            a = [s / t for s, t in zip(ss, st, strict=True)]
-            b = [(m - n) / t for m, n, t in zip(ms, mt, st, strict=True)]
-            self.renorm = (
-                torch.tensor(a).view(1, -1, 1, 1),
-                torch.tensor(b).view(1, -1, 1, 1),
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.renorm is not None:
-            a, b = (t.to(x.device, x.dtype) for t in self.renorm)
-            x = x * a + b
-        if self.size and x.shape[-1] != self.size:
-            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return self.teacher(x)
 
 
 def _on_device(model: nn.Module, device: torch.device) -> nn.Module:

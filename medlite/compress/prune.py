@@ -17,7 +17,7 @@ permanent in ``finalize``. It shrinks nothing and speeds nothing up on dense CPU
 a sparsity (compressibility) result, and the report says so.
 
 A structurally pruned network no longer matches its config, so its weights alone cannot rebuild
-it: :func:`save_pruned` / :func:`load_pruned` store the whole module.
+it: the run stores the whole module (:func:`medlite.checkpoints.save_module`).
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import signal
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,32 +71,6 @@ KNOWN_UNSUPPORTED = {
 _SCAN_MAX_RATIO = 0.9  # the most a target_speedup search prunes from any layer
 _SCAN_STEPS = 45  # ratio resolution of that search: 0.02
 _ALTERNATIVES = "use compress=prune_unstructured or compress=lowrank for this model instead"
-
-
-# ------------------------------------------------------------------------------------------------
-# Saving
-
-
-def save_pruned(model: nn.Module, path: str | Path, **meta: Any) -> Path:
-    """Save a pruned model as a whole pickled module (its layer shapes no longer match any config,
-    so a state_dict alone can't rebuild it); ``meta`` (arch, report...) is stored beside it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": "medlite-pruned-v1", "model": model, "meta": meta}, path)
-    return path
-
-
-def load_pruned(path: str | Path) -> nn.Module:
-    """Load a model written by :func:`save_pruned`. It unpickles code: load only your own files."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"pruned model file {path} does not exist")
-    obj = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(obj, nn.Module):  # a plain torch.save(model) works too
-        return obj
-    if not isinstance(obj, dict) or obj.get("format") != "medlite-pruned-v1":
-        raise ConfigError(f"{path} is not a pruned model saved by medlite.compress.prune")
-    return obj["model"]
 
 
 # ------------------------------------------------------------------------------------------------

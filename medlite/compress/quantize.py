@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medlite.checkpoints import save_module
 from medlite.compress.base import CompressionStep, RunContext
 from medlite.compress.registry import register_step
 from medlite.deploy.onnx import (
@@ -168,7 +169,7 @@ def _save_torch_model(model: nn.Module, path: Path) -> None:
     """Keep the PyTorch model the int8 file came from: deployment benchmarks eager PyTorch
     against it, and a pruned or distilled network can't be rebuilt from the config alone."""
     try:
-        torch.save(model, path)
+        save_module(model, path)
     except Exception as err:  # noqa: BLE001 - the int8 file is still the result
         path.unlink(missing_ok=True)
         log.warning("could not save the fp32 PyTorch model as %s: %s", path, err)
@@ -180,6 +181,10 @@ class _OrtInt8Step(CompressionStep):
     terminal = True
     #: which ORT conversion the subclass runs (for messages)
     conversion = "static"
+
+    def artefact(self, model: nn.Module) -> Path | None:
+        """The int8 ONNX file the step wrote (the model is its runtime session)."""
+        return getattr(model, "path", None)
 
     def __init__(
         self,

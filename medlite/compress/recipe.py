@@ -11,13 +11,12 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from medlite.checkpoints import load_weights, save_module
 from medlite.compress.base import CompressionStep, RunContext, frozen_copy
 from medlite.compress.evaluate import evaluate
-from medlite.compress.teacher import load_weights
 from medlite.efficiency import profile_model, profile_settings
 from medlite.errors import ConfigError
 from medlite.training import train_phase
@@ -49,7 +48,14 @@ def _stage(
         row["efficiency"] = profile_model(
             model, input_shape, **profile_settings(cfg.profile)
         ).as_dict()
-    log.info("stage %s: test AUC %.4f", name, row["test"].get("auc", float("nan")))
+    task = datamodule.task
+    log.info(
+        "stage %s: %s",
+        name,
+        ", ".join(
+            f"test {task.title(m)} {row['test'].get(m, float('nan')):.4f}" for m in task.headline
+        ),
+    )
     return row
 
 
@@ -114,14 +120,14 @@ def run_recipe(
                 epochs=step.epochs,
                 lr=step.lr,
                 loss_terms=step.loss_terms(),
-                task_loss_weight=getattr(step, "task_loss_weight", 1.0),
+                task_loss_weight=step.task_loss_weight,
                 callbacks=step.callbacks(),
                 test=False,
             )
             model = phase.module.model
         model = step.finalize(model, ctx)
         comp["steps"].append({"kind": step.kind, "epochs": step.epochs, "report": step.report})
-        for name, extra in getattr(step, "extra_stages", {}).items():  # e.g. fp32 on the runtime
+        for name, extra in step.extra_stages.items():  # e.g. fp32 on the runtime
             comp["stages"].append(_stage(cfg, f"{prefix}{name}", extra, datamodule, shape))
         comp["stages"].append(_stage(cfg, prefix.rstrip("/"), model, datamodule, shape))
 
@@ -129,20 +135,20 @@ def run_recipe(
     results["val"], results["test"] = final["val"], final["test"]
     if "efficiency" in final:
         results["efficiency"] = final["efficiency"]
-    comp["saved"] = save_final(model, out / "compressed")
+    comp["saved"] = save_final(model, out / "compressed", steps[-1] if steps else None)
     return model
 
 
-def save_final(model: nn.Module, folder: Path) -> str | None:
-    """Keep the compressed model: its int8 file as written by the step, or the whole module pickled
-    (a pruned or factorised network no longer matches its config, so weights alone can't rebuild it)."""
-    path = getattr(model, "path", None)
-    if path is not None:
-        return str(path)
-    folder.mkdir(parents=True, exist_ok=True)
+def save_final(model: nn.Module, folder: Path, step: CompressionStep | None = None) -> str | None:
+    """Keep the compressed model: the file the last step wrote (an int8 runtime file), or the
+    whole module (a pruned or factorised network no longer matches its config, so weights alone
+    can't rebuild it)."""
+    artefact = step.artefact(model) if step is not None else None
+    if artefact is not None:
+        return str(artefact)
     target = folder / "model.pt"
     try:
-        torch.save(model, target)
+        save_module(model, target)
     except Exception as err:  # noqa: BLE001 - a model that can't be pickled is still a result
         log.warning("could not save the compressed model as a whole module: %s", err)
         return None

@@ -3,7 +3,7 @@ trained first in the same run (and then cached, so the next run, or the next job
 reuses it instead of training it again).
 
 The cache key covers everything that changes the teacher's weights: its model config, the data
-(flag, size, preprocessing, augmentation, epochs), optimiser, schedule and seed.
+(its files and split, size, preprocessing, augmentation, epochs), optimiser, schedule and seed.
 """
 
 from __future__ import annotations
@@ -11,17 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from medlite.build import build_teacher
+from medlite.checkpoints import load_weights, save_weights
 from medlite.compress.evaluate import evaluate
-from medlite.compress.kd import TeacherInput
 from medlite.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -35,15 +34,19 @@ class TeacherPlan:
     path: Path | None
 
 
-def _cache_key(cfg: DictConfig) -> str:
+#: data settings that change what is read or how, not the trained weights
+_DATA_KEYS_IGNORED = ("name", "root", "download", "mmap", "num_workers", "eval_batch_size")
+
+
+def _cache_key(cfg: DictConfig, data_id: str) -> str:
     t = OmegaConf.to_container(cfg.teacher, resolve=True)
     for k in ("ckpt_path", "cache"):
         t.pop(k, None)
     d = OmegaConf.to_container(cfg.data, resolve=True)
-    keep = ("flag", "size", "as_rgb", "fit", "mean", "std", "augment", "epochs", "batch_size")
     recipe = {
         "teacher": t,
-        "data": {k: d.get(k) for k in keep},
+        "data": {k: v for k, v in d.items() if k not in _DATA_KEYS_IGNORED},
+        "data_id": data_id,
         "student_input": cfg.model.input_size,
         "optim": OmegaConf.to_container(cfg.optim, resolve=True),
         "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True),
@@ -54,14 +57,15 @@ def _cache_key(cfg: DictConfig) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def cache_path(cfg: DictConfig) -> Path:
+def cache_path(cfg: DictConfig, data_name: str, data_id: str) -> Path:
+    """Where a teacher trained by this run's recipe on this data is cached. ``data_id``: the
+    datamodule's fingerprint (files and split), so two folders of the same name never share."""
     root = Path(str(cfg.paths.cache_dir)).expanduser() / "teachers"
-    return (
-        root / f"{cfg.data.flag}_{cfg.data.size}px" / f"{cfg.teacher.name}-{_cache_key(cfg)}.ckpt"
-    )
+    key = _cache_key(cfg, data_id)
+    return root / f"{data_name}_{cfg.data.size}px" / f"{cfg.teacher.name}-{key}.ckpt"
 
 
-def plan_teacher(cfg: DictConfig) -> TeacherPlan:
+def plan_teacher(cfg: DictConfig, datamodule) -> TeacherPlan:
     """Fail fast (before training anything) on a missing teacher config or checkpoint."""
     t = cfg.get("teacher")
     if t is None:
@@ -74,35 +78,10 @@ def plan_teacher(cfg: DictConfig) -> TeacherPlan:
         if not path.is_file():
             raise ConfigError(f"teacher.ckpt_path={path} does not exist")
         return TeacherPlan("ckpt", path)
-    cached = cache_path(cfg)
+    cached = cache_path(cfg, datamodule.name, datamodule.fingerprint())
     if t.get("cache", True) and cached.is_file():
         return TeacherPlan("cache", cached)
     return TeacherPlan("train", cached if t.get("cache", True) else None)
-
-
-def load_weights(net: nn.Module, path: Path, arch: str) -> None:
-    """Load a medlite checkpoint (Lightning ``best-*.ckpt`` or a teacher file) into ``net``."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    state = state.get("state_dict", state)
-    weights = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
-    weights = weights or dict(state)
-    if weights and all(k.startswith("teacher.") for k in weights):
-        weights = {k.removeprefix("teacher."): v for k, v in weights.items()}
-    try:
-        net.load_state_dict(weights)
-    except RuntimeError as err:
-        raise ConfigError(
-            f"teacher checkpoint {path} does not fit teacher model {arch}: {err}"
-        ) from None
-
-
-def save_weights(net: nn.Module, path: Path, meta: dict) -> None:
-    """Atomically write ``net``'s weights in the format ``teacher.ckpt_path`` accepts."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    state = {f"model.{k}": v for k, v in net.state_dict().items()}
-    torch.save({"state_dict": state, "medlite_teacher": meta}, tmp)
-    os.replace(tmp, path)
 
 
 def obtain_teacher(
@@ -113,21 +92,11 @@ def obtain_teacher(
     loggers: Sequence = (),
 ) -> tuple[nn.Module, dict]:
     """The frozen, eval-mode teacher (adapted to the student's input) and what to record about it."""
-    from medlite.pipeline import build_model  # the pipeline imports this module
-    from medlite.training import train_phase
+    from medlite.training import train_phase  # training imports the compression package
 
     t = cfg.teacher
-    student_size = datamodule.preprocess.input_size
-    net = build_model(
-        t, datamodule.task.num_outputs, datamodule.in_chans, t.input_size or student_size
-    )
-    norm = (list(t.mean), list(t.std)) if t.get("mean") and t.get("std") else None
-    wrapped = TeacherInput(
-        net,
-        size=t.input_size if t.input_size and t.input_size != student_size else None,
-        student_norm=(list(datamodule.preprocess.mean), list(datamodule.preprocess.std)),
-        teacher_norm=norm,
-    )
+    wrapped = build_teacher(cfg, datamodule)
+    net = wrapped.teacher
     info: dict = {"name": t.name, "arch": t.arch, "source": plan.source}
     if plan.source == "train":
         log.info("training the teacher %s first (no teacher.ckpt_path given)", t.name)
@@ -143,17 +112,19 @@ def obtain_teacher(
             lr=t.get("lr"),
             test=False,
         )
-        meta = {"arch": t.arch, "data": cfg.data.flag, "size": cfg.data.size, "seed": cfg.seed}
+        meta = {"arch": t.arch, "data": datamodule.name, "size": cfg.data.size, "seed": cfg.seed}
         run_copy = output_dir / "teacher" / "teacher.ckpt"
         save_weights(net, run_copy, meta)
         info["path"] = str(run_copy)
         if plan.path is not None:
             save_weights(net, plan.path, meta)
             info["cached"] = str(plan.path)
+        monitored = datamodule.task.monitor_metric
         log.info(
-            "teacher trained (val AUC %.3f); later runs reuse it from the cache, or pass "
+            "teacher trained (val %s %.3f); later runs reuse it from the cache, or pass "
             "teacher.ckpt_path=%s",
-            phase.val.get("auc", float("nan")),
+            datamodule.task.title(monitored),
+            phase.val.get(monitored, float("nan")),
             run_copy,
         )
     else:

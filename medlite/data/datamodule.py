@@ -1,9 +1,16 @@
-"""Lightning datamodule over MedMNIST-format files: official MedMNIST or medlite's synthetic sets."""
+"""One Lightning datamodule over any data source: splits, preprocessing, augmentation, loaders.
+
+The source (:mod:`medlite.data.sources`) finds and validates the files and reports the task; the
+datamodule turns its stored uint8 images into normalised tensors at the model's input size and
+serves the three splits. Preprocessing is recorded (``describe()["preprocess"]``) so export and
+``predict.py`` apply exactly the same steps to a file.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +18,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from medlite.data import medmnist, synthetic
-from medlite.data.tasks import Task
+from medlite.data.sources.base import SPLITS, DataSource, Split
 from medlite.data.transforms import Preprocess, build_augment
 from medlite.errors import ConfigError
+from medlite.tasks import BINARY, MULTILABEL, Task
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +49,12 @@ class ArrayDataset(Dataset):
         return self.preprocess.normalize(x), self.labels[i]
 
 
-class MedMNISTDataModule(pl.LightningDataModule):
-    """Finds (or downloads / generates) the file, validates it, and serves the official splits."""
+class DataModule(pl.LightningDataModule):
+    """Serves a source's train/val/test splits, preprocessed for the model."""
 
     def __init__(
         self,
-        flag: str,
-        size: int = 28,
-        root: str = "~/.medmnist",
-        cache_dir: str = "~/.cache/medlite",
-        download: bool = True,
+        source: DataSource,
         input_size: int | None = None,
         as_rgb: bool = False,
         fit: str = "resize",
@@ -61,74 +64,98 @@ class MedMNISTDataModule(pl.LightningDataModule):
         batch_size: int = 64,
         eval_batch_size: int = 256,
         num_workers: int = 0,
-        mmap: bool | None = None,
-        synthetic_seed: int = 0,
     ) -> None:
         super().__init__()
-        self.flag, self.size = flag, int(size)
-        self.is_synthetic = synthetic.is_synthetic(flag)
-        self.info = synthetic.SYNTHETIC_INFO[flag] if self.is_synthetic else medmnist.get_info(flag)
-        self.task = Task.from_info(self.info)
-        self.root = Path(root).expanduser()
-        self.cache_dir = Path(cache_dir).expanduser()
-        self.download, self.mmap, self.synthetic_seed = download, mmap, synthetic_seed
-        self.in_chans = 3 if (as_rgb or self.info["n_channels"] == 3) else 1
-        n = self.in_chans
-        self.preprocess = Preprocess(
-            input_size or self.size,
-            as_rgb=n == 3,
-            mean=list(mean) if mean else [0.5] * n,
-            std=list(std) if std else [0.5] * n,
-            fit=fit,
-        )
-        if len(self.preprocess.mean) != n or len(self.preprocess.std) != n:
-            raise ConfigError(f"data.mean/data.std need {n} value(s) for {n}-channel input")
+        self.source = source
+        self.input_size, self.as_rgb, self.fit = input_size, bool(as_rgb), fit
+        self.mean_cfg, self.std_cfg = mean, std
         self.augment_cfg = dict(augment) if augment else None
-        self.batch_size, self.eval_batch_size, self.num_workers = (
-            batch_size,
-            eval_batch_size,
-            num_workers,
-        )
-        self.path: Path | None = None
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers = num_workers
         self.splits: dict[str, ArrayDataset] = {}
+        self.skipped: list[dict] = []
 
+    # ------------------------------------------------------------------ what the source says
+    @property
+    def info(self):
+        return self.source.info
+
+    @property
+    def task(self) -> Task:
+        return self.source.info.task
+
+    @property
+    def name(self) -> str:
+        return self.source.info.name
+
+    @property
+    def size(self) -> int:
+        return self.source.info.size
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.source.info.synthetic
+
+    @property
+    def path(self) -> Path | None:
+        """The data file a file-based source read (None before setup or for folders)."""
+        return getattr(self.source, "path", None)
+
+    @property
+    def in_chans(self) -> int:
+        return 3 if (self.as_rgb or self.source.info.channels == 3) else 1
+
+    @cached_property
+    def preprocess(self) -> Preprocess:
+        info = self.source.info
+        if info.spatial_dims != 2:
+            raise ConfigError(
+                f"{info.name} holds {info.spatial_dims}D volumes; medlite's models and "
+                "preprocessing take 2D images so far. Choose a 2D dataset"
+            )
+        n = self.in_chans
+        mean = list(self.mean_cfg) if self.mean_cfg else [0.5] * n
+        std = list(self.std_cfg) if self.std_cfg else [0.5] * n
+        if len(mean) != n or len(std) != n:
+            raise ConfigError(f"data.mean/data.std need {n} value(s) for {n}-channel input")
+        return Preprocess(
+            self.input_size or info.size,
+            as_rgb=n == 3,
+            mean=mean,
+            std=std,
+            fit=self.fit,
+            load_size=info.size,
+        )
+
+    # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
-        """Make sure the file is on disk and verified (generate / download as configured)."""
-        if self.path is not None:
-            return
-        if self.is_synthetic:
-            self.path = synthetic.ensure_synthetic(
-                self.flag, self.size, self.cache_dir, seed=self.synthetic_seed
-            )
-            log.warning(
-                "Using SYNTHETIC data '%s' (generated by medlite, not patient data): %s",
-                self.flag,
-                self.path,
-            )
-        else:
-            self.path = medmnist.ensure_file(
-                self.flag, self.size, self.root, download=self.download
-            )
+        """Find, download or generate and validate the files (the source's job)."""
+        self.source.load()
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        self.prepare_data()
-        arrays = medmnist.load_splits(
-            self.path, self.info, mmap=self.mmap, cache_dir=self.cache_dir
-        )
+        loaded = self.source.load()
+        preprocess = self.preprocess
         augment = build_augment(self.augment_cfg)
-        for split, (images, labels) in arrays.items():
+        for split, data in loaded.items():
             self.splits[split] = ArrayDataset(
-                images, labels, self.preprocess, augment if split == "train" else None
+                data.images, data.labels, preprocess, augment if split == "train" else None
             )
         log.info(
             "%s (%s, %d px): %s",
-            self.flag,
+            self.name,
             self.task.type,
             self.size,
             ", ".join(f"{k} {len(v)}" for k, v in self.splits.items()),
         )
+        log.info("class balance per split:\n%s", self.balance_table())
+        if self.task.type == BINARY:
+            log.info(
+                "binary task: %r (the second class) is the positive class of sensitivity, "
+                "F1 and the ROC curve",
+                self.task.labels[-1],
+            )
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         return DataLoader(
@@ -156,15 +183,57 @@ class MedMNISTDataModule(pl.LightningDataModule):
         plain = ArrayDataset(train.images, train.labels.numpy(), self.preprocess, None)
         return DataLoader(plain, batch_size=batch_size or self.batch_size, shuffle=False)
 
+    # ------------------------------------------------------------------ records
+    def class_counts(self, split: str = "train") -> np.ndarray:
+        """Examples per class (positives per label for multi-label tasks) in a split."""
+        return class_counts(self.source.load()[split], self.task)
+
+    def balance_table(self) -> str:
+        """Per split and class: count and share, as fixed-width text for the console and log."""
+        labels = list(self.task.labels)
+        width = max(8, *(len(lab) for lab in labels))
+        rows = [f"  {'class':<{width}}" + "".join(f"{s:>16}" for s in SPLITS)]
+        counts = {s: self.class_counts(s) for s in SPLITS}
+        totals = {s: len(self.source.load()[s]) for s in SPLITS}
+        for i, lab in enumerate(labels):
+            cells = "".join(
+                f"{int(counts[s][i]):>9} ({100 * counts[s][i] / max(1, totals[s]):4.1f}%)"
+                for s in SPLITS
+            )
+            rows.append(f"  {lab:<{width}}{cells}")
+        return "\n".join(rows)
+
     def describe(self) -> dict:
         """What results.json records about the data."""
+        info = self.source.info
+        loaded = self.source._splits or {}
         return {
-            "flag": self.flag,
-            "size": self.size,
-            "synthetic": self.is_synthetic,
+            "source": self.source.kind,
+            "name": info.name,
+            "size": info.size,
+            "synthetic": info.synthetic,
             "task": self.task.type,
             "labels": list(self.task.labels),
-            "n_samples": {k: len(v) for k, v in self.splits.items()},
-            "file": str(self.path) if self.path else None,
+            "channels": info.channels,
+            "n_samples": {k: len(v) for k, v in loaded.items()},
+            "class_counts": {
+                k: [int(c) for c in class_counts(v, self.task)] for k, v in loaded.items()
+            },
+            **self.source.describe(),
             "preprocess": self.preprocess.describe(),
         }
+
+    def fingerprint(self) -> str:
+        return self.source.fingerprint()
+
+    def write_records(self, run_dir: Path) -> list[str]:
+        """Let the source keep what makes the run auditable (e.g. ``splits.csv``)."""
+        return self.source.write_records(Path(run_dir))
+
+
+def class_counts(split: Split, task: Task) -> np.ndarray:
+    """Examples per class; for multi-label tasks, positives per label."""
+    labels = np.asarray(split.labels)
+    if task.type == MULTILABEL:
+        return labels.sum(axis=0).astype(np.int64)
+    return np.bincount(labels.reshape(-1).astype(np.int64), minlength=task.num_outputs)

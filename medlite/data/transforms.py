@@ -1,7 +1,9 @@
-"""Image transforms: uint8 MedMNIST arrays -> normalised float tensors at the model's input size.
+"""Image transforms: uint8 images -> normalised float tensors at the model's input size.
 
-The same :func:`eval_transform` is used for validation, test, export calibration and local
-inference, so a deployed model sees exactly what it saw in training.
+The same :class:`Preprocess` is used for validation, test, export calibration and local
+inference, so a deployed model sees exactly what it saw in training: an image of another size is
+first fitted to the dataset's stored size (as the training images were), then to the model's
+input size.
 """
 
 from __future__ import annotations
@@ -29,20 +31,48 @@ def to_tensor(image: np.ndarray, as_rgb: bool) -> torch.Tensor:
 
 
 def fit_to_size(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    """Bring a (C, H, W) tensor to (C, size, size): bilinear resize, or centred zero padding (then resize if larger)."""
+    """Bring a (C, H, W) tensor to (C, size, size).
+
+    ``resize``: bilinear (antialiased when shrinking), aspect ratio not kept. ``pad``: keep the
+    aspect ratio: an image larger than ``size`` is first shrunk so its longer side is ``size``,
+    then centred on a zero (black) square.
+    """
     h, w = x.shape[-2:]
     if h == size and w == size:
         return x
-    if mode == "pad" and h <= size and w <= size:
+    if mode == "pad":
+        if h > size or w > size:
+            scale = size / max(h, w)
+            h, w = max(1, round(h * scale)), max(1, round(w * scale))
+            x = _resize(x, h, w)
         top, left = (size - h) // 2, (size - w) // 2
         return F.pad(x, (left, size - w - left, top, size - h - top))
+    return _resize(x, size, size)
+
+
+def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    shrink = h < x.shape[-2] or w < x.shape[-1]
     return F.interpolate(
-        x.unsqueeze(0), size=(size, size), mode="bilinear", antialias=h > size, align_corners=False
+        x.unsqueeze(0), size=(h, w), mode="bilinear", antialias=shrink, align_corners=False
     )[0]
 
 
+def fit_image(image: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """A uint8 (H, W) or (H, W, C) image at (size, size), by the same rule as :func:`fit_to_size`
+    (how sources of images of any size store them at the dataset's size)."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    x = fit_to_size(to_tensor(image, as_rgb=False), size, mode)
+    out = x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    return out[0].numpy() if image.ndim == 2 else out.permute(1, 2, 0).contiguous().numpy()
+
+
 class Preprocess:
-    """Deterministic part: to float, channels, input size, normalisation. Picklable for workers."""
+    """Deterministic part: to float, channels, input size, normalisation. Picklable for workers.
+
+    ``load_size`` is the size the dataset stores its images at: an image of another size (a file
+    given to ``predict.py``) is fitted to it first, as a source fits the files it reads.
+    """
 
     def __init__(
         self,
@@ -51,15 +81,19 @@ class Preprocess:
         mean: Sequence[float],
         std: Sequence[float],
         fit: str = "resize",
+        load_size: int | None = None,
     ):
         if fit not in FIT_MODES:
             raise ConfigError(f"data.fit must be one of {FIT_MODES}, got {fit!r}")
         self.input_size, self.as_rgb, self.fit = input_size, as_rgb, fit
+        self.load_size = load_size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """Float [0, 1] at the input size: where augmentation happens (black fill stays black)."""
+        if self.load_size:
+            image = fit_image(image, self.load_size, self.fit)
         return fit_to_size(to_tensor(image, self.as_rgb), self.input_size, self.fit)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,6 +108,7 @@ class Preprocess:
             "input_size": self.input_size,
             "as_rgb": self.as_rgb,
             "fit": self.fit,
+            "load_size": self.load_size,
             "mean": self.mean.flatten().tolist(),
             "std": self.std.flatten().tolist(),
         }

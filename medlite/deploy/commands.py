@@ -66,7 +66,8 @@ HELP = {
     "show_traceback": "print the full traceback of medlite's errors",
     "formats": "subset of [onnx_fp32,onnx_int8,torch_export]",
     "fp32_tolerance": "max |logit diff| of fp32 formats, relative to max(1, largest |logit|)",
-    "int8_max_auc_drop": "largest test-AUC drop allowed for int8 (0.01 = one AUC point)",
+    "int8_max_drop": "largest drop of the task's monitored metric (test split) allowed for "
+    "int8 (0.01 = one point of a 0-1 metric)",
     "calibration_batches": "training batches (no augmentation) that calibrate int8",
     "per_channel": "per-channel int8 weight scales",
     "opset": "ONNX opset (default: the exporter's)",
@@ -111,7 +112,7 @@ def parse_args(schema: type, argv: Sequence[str]):
 
 def run_command(main: Callable[[object, Console], int], schema: type, argv: Sequence[str]) -> int:
     """Parse, run, and turn medlite's errors into one message and exit code 1."""
-    from medlite.cli import print_error, quiet_third_party
+    from medlite.console import print_error, quiet_third_party
 
     if any(a in ("-h", "--help", "help") for a in argv):
         print(_usage(schema))
@@ -141,28 +142,49 @@ def export_main(args: ExportCommand, console: Console) -> int:
     from medlite.deploy.export import export_run
 
     record = export_run(args.run, _settings(args, ExportSettings), data_dir=args.data_dir)
+    console.print(export_table(record))
+    console.print(f"files, export.json and model_card.md: [bold]{record['run_dir']}[/bold]")
+    return 0
+
+
+def export_table(record: dict) -> Table:
+    """export.json as a table: the task's headline test metrics through each runtime, parity."""
+    from medlite.results import headline_metrics, metric_title
+
+    task = record["task"]
+    metrics = headline_metrics(task)
     table = Table(
         title=f"export of {record['model']['name']} ({record['n_test_images']} test images)"
     )
-    for col in ("format", "file", "MB", "test AUC", "test ACC", "max |diff|", "agree", "check"):
+    columns = (
+        "format",
+        "file",
+        "MB",
+        *(f"test {metric_title(task, m)}" for m in metrics),
+        "max |diff|",
+        "agree",
+        "check",
+    )
+    for col in columns:
         table.add_column(col, justify="left" if col in ("format", "file") else "right")
+
+    def num(value) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
     ref = record["reference"]["test"]
-    table.add_row("PyTorch", "-", "-", f"{ref['auc']:.4f}", f"{ref['acc']:.4f}", "-", "-", "-")
+    table.add_row("PyTorch", "-", "-", *(num(ref.get(m)) for m in metrics), "-", "-", "-")
     for fmt, e in record["formats"].items():
         p = e["parity"]
         table.add_row(
             fmt,
             e["path"].rsplit("/", 1)[-1],
             f"{e['size_mb']:.2f}",
-            f"{e['test']['auc']:.4f}",
-            f"{e['test']['acc']:.4f}",
+            *(num(e["test"].get(m)) for m in metrics),
             f"{p['max_abs_diff']:.2g}",
             f"{p['label_agreement']:.3f}",
             "pass" if p["ok"] else "FAIL",
         )
-    console.print(table)
-    console.print(f"files, export.json and model_card.md: [bold]{record['run_dir']}[/bold]")
-    return 0
+    return table
 
 
 def benchmark_main(args: BenchmarkCommand, console: Console) -> int:

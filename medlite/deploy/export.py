@@ -9,6 +9,7 @@ fails raises :class:`ExportError` after ``export.json`` is written, so nothing m
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import shutil
@@ -28,7 +29,6 @@ from medlite.deploy.onnx import OrtModel, export_onnx, onnx_exporter
 from medlite.deploy.run_dir import TrainedRun
 from medlite.efficiency import count_macs, count_parameters
 from medlite.errors import ConfigError, MedliteError
-from medlite.metrics import compute_metrics, predictions
 from medlite.results import package_versions, write_json
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,9 @@ class ExportSettings:
     formats: list[str] = field(default_factory=lambda: list(FORMATS))
     #: fp32 formats: max |logit diff| allowed, relative to max(1, largest |logit|)
     fp32_tolerance: float = 1e-3
-    #: int8: largest test-AUC drop against PyTorch allowed (0.01 = one AUC point)
-    int8_max_auc_drop: float = 0.01
+    #: int8: largest drop of the task's monitored metric, on the test split, against PyTorch
+    #: (classification: AUC, so 0.01 = one AUC point)
+    int8_max_drop: float = 0.01
     #: int8 calibration: training batches (no augmentation) and per-channel weight scales
     calibration_batches: int = 8
     per_channel: bool = True
@@ -67,7 +68,7 @@ class ExportSettings:
             raise ConfigError(
                 f"export formats must be a non-empty subset of {FORMATS}, got {self.formats}"
             )
-        if self.fp32_tolerance <= 0 or self.int8_max_auc_drop < 0:
+        if self.fp32_tolerance <= 0 or self.int8_max_drop < 0:
             raise ConfigError("export tolerances must be positive")
 
 
@@ -81,7 +82,9 @@ def settings_from_config(node) -> ExportSettings | None:
     known = {f.name for f in fields(ExportSettings)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ConfigError(f"unknown export key(s) {unknown}; valid keys: {sorted(known)}")
+        hints = {k: difflib.get_close_matches(k, known, n=1) for k in unknown}
+        hint = "".join(f"; {k}: did you mean {m[0]}?" for k, m in hints.items() if m)
+        raise ConfigError(f"unknown export key(s) {unknown}; valid keys: {sorted(known)}{hint}")
     return ExportSettings(**values)
 
 
@@ -123,13 +126,29 @@ def _int8_by_ptq(
 
 
 def _parity(ref: np.ndarray, got: np.ndarray, task) -> dict:
-    a = predictions(_scores(ref, task), task.type)
-    b = predictions(_scores(got, task), task.type)
+    a = task.predictions(_scores(ref, task))
+    b = task.predictions(_scores(got, task))
     same = (a == b).all(axis=-1) if a.ndim > 1 else a == b  # multi-label: every label agrees
     return {
         "max_abs_diff": float(np.abs(ref - got).max()),
         "mean_abs_diff": float(np.abs(ref - got).mean()),
         "label_agreement": float(same.mean()),
+    }
+
+
+def _metric_drop(reference: dict, got: dict, task, settings: ExportSettings) -> dict:
+    """How much worse int8 is on the task's monitored metric (test split) than PyTorch:
+    ``{"metric", "drop", "tolerance": {"drop"}, "ok"}``; the drop is positive when int8 is
+    worse, whichever way the metric improves."""
+    metric = task.monitor_metric
+    drop = reference[metric] - got[metric]
+    if task.monitor_mode == "min":
+        drop = -drop
+    return {
+        "metric": metric,
+        "drop": float(drop),
+        "tolerance": {"drop": settings.int8_max_drop},
+        "ok": bool(drop <= settings.int8_max_drop),
     }
 
 
@@ -158,7 +177,7 @@ def export_run(
     """Export ``run`` into ``<run>/export/`` and check every format; returns export.json's dict.
 
     Raises :class:`ExportError` (after writing export.json) when a format could not be
-    exported, or its logits / AUC are outside the tolerances of ``settings``.
+    exported, or its logits / monitored metric are outside the tolerances of ``settings``.
     """
     run = run if isinstance(run, TrainedRun) else TrainedRun.load(run)
     settings = settings or ExportSettings()
@@ -204,24 +223,23 @@ def export_run(
         formats[fmt] = entry
 
     labels, logits = _run_all(runtimes, dm)
-    reference = compute_metrics(labels, _scores(logits["pytorch"], task), task.type)
+    reference = task.metrics(labels, _scores(logits["pytorch"], task))
     problems = []
     for fmt, entry in formats.items():
         if "error" in entry:
             problems.append(f"{fmt}: {entry['error']}")
             continue
-        entry["test"] = compute_metrics(labels, _scores(logits[fmt], task), task.type)
+        entry["test"] = task.metrics(labels, _scores(logits[fmt], task))
         entry["parity"] = _parity(logits["pytorch"], logits[fmt], task)
         if fmt == "onnx_int8":
-            drop = reference["auc"] - entry["test"]["auc"]
-            entry["parity"]["auc_drop"] = float(drop)
-            entry["parity"]["tolerance"] = {"auc_drop": settings.int8_max_auc_drop}
-            entry["parity"]["ok"] = bool(drop <= settings.int8_max_auc_drop)
+            entry["parity"] |= _metric_drop(reference, entry["test"], task, settings)
             if not entry["parity"]["ok"]:
+                name = task.title(task.monitor_metric)
                 problems.append(
-                    f"onnx_int8: test AUC {entry['test']['auc']:.4f} is {drop:.4f} below PyTorch "
-                    f"({reference['auc']:.4f}), more than export.int8_max_auc_drop="
-                    f"{settings.int8_max_auc_drop}; try compress=qat, more calibration_batches, "
+                    f"onnx_int8: test {name} {entry['test'][task.monitor_metric]:.4f} is "
+                    f"{entry['parity']['drop']:.4f} worse than PyTorch "
+                    f"({reference[task.monitor_metric]:.4f}), more than export.int8_max_drop="
+                    f"{settings.int8_max_drop}; try compress=qat, more calibration_batches, "
                     "or per_channel=true"
                 )
         else:
@@ -240,6 +258,7 @@ def export_run(
         "model": run.results["model"],
         "compress": run.results["compress"],
         "input": {"shape": list(run.input_shape), **run.data["preprocess"]},
+        "task": task.record(),
         "n_test_images": int(len(labels)),
         "reference": {
             "runtime": "pytorch eager",
@@ -254,16 +273,17 @@ def export_run(
         "versions": package_versions(),
         "wall_time_s": round(time.time() - start, 2),
     }
-    try:
-        shown = ("pytorch", "onnx_int8")
-        plot_roc(
-            labels,
-            {k: _scores(v, task) for k, v in logits.items() if k in shown},
-            task,
-            out / "roc.png",
-        )
-    except Exception as err:  # noqa: BLE001 - the numbers matter more than the picture
-        log.warning("could not draw the ROC plot: %s", err)
+    if task.kind == "classification":  # ROC curves only mean something for classifiers
+        try:
+            shown = ("pytorch", "onnx_int8")
+            plot_roc(
+                labels,
+                {k: _scores(v, task) for k, v in logits.items() if k in shown},
+                task,
+                out / "roc.png",
+            )
+        except Exception as err:  # noqa: BLE001 - the numbers matter more than the picture
+            log.warning("could not draw the ROC plot: %s", err)
     write_json(out / "export.json", record)
     write_model_card(run)
     if problems:

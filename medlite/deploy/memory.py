@@ -37,8 +37,8 @@ def _child(runtime: str, target: str, shape: list[int], batch: int, threads: int
         import torch
 
         torch.set_num_threads(threads)
-        import medlite.compress.teacher  # noqa: F401 - what loading a run imports, before the baseline
-        import medlite.pipeline  # noqa: F401
+        import medlite.build  # noqa: F401 - what loading a run imports, before the baseline
+        import medlite.checkpoints  # noqa: F401
         from medlite.deploy.run_dir import TrainedRun
 
         after_import = _status_mb("VmRSS")

@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from medlite.deploy.run_dir import TrainedRun
-from medlite.results import write_json
+from medlite.results import headline_metrics, metric_title, monitored_metric, write_json
+from medlite.tasks import BINARY, task_record
 
 log = logging.getLogger(__name__)
 
 CARD_JSON, CARD_MD = "model_card.json", "model_card.md"
-_METRICS = ("auc", "acc", "sensitivity", "specificity", "f1")
+#: what the card keeps of the run's task record (its type and labels are listed separately)
+_TASK_KEYS = ("kind", "metrics", "titles", "headline", "monitor", "mode")
 _RUNTIME_LABELS = {
     "pytorch": "PyTorch eager",
     "onnx_fp32": "ONNX Runtime fp32",
@@ -38,6 +40,11 @@ def _read(path: Path) -> dict | None:
         return None
 
 
+def _dataset(data: dict) -> str:
+    """The dataset's name (MedMNIST runs before names were recorded: their flag)."""
+    return str(data.get("name") or data.get("flag"))
+
+
 def intended_use(run: TrainedRun) -> str:
     """The paragraph a clinical reader looks for first: what this model is, and is not, for."""
     data = run.data
@@ -49,7 +56,7 @@ def intended_use(run: TrainedRun) -> str:
     )
     return (
         f"Research use only. This model classifies {data['size']}x{data['size']} px "
-        f"{data['flag']} images ({data['task']}: {', '.join(data['labels'])}) and was built to "
+        f"{_dataset(data)} images ({data['task']}: {', '.join(data['labels'])}) and was built to "
         "study efficient models on small hardware. It is not a medical device, it has not been "
         "validated prospectively, and it must not be used to diagnose or to decide treatment."
         f"{synthetic} Performance was measured once on the dataset's official test split; it "
@@ -68,16 +75,19 @@ def build_card(run: TrainedRun) -> dict:
     export = _read(run.export_dir / "export.json")
     bench = _read(run.export_dir / "benchmark.json")
     comp = res.get("compression") or {}
+    record = task_record(res)
+    headline = headline_metrics(record)
     card: dict = {
         "name": run.name,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "run_dir": str(run.path),
         "model": res["model"] | {"macs": (res.get("efficiency") or {}).get("macs")},
         "task": {
-            "dataset": run.data["flag"],
+            "dataset": _dataset(run.data),
             "type": run.data["task"],
             "classes": run.data["labels"],
             "synthetic_data": bool(run.data.get("synthetic")),
+            **{k: record[k] for k in _TASK_KEYS if k in record},
         },
         "input": {
             "shape": list(run.input_shape),
@@ -86,11 +96,12 @@ def build_card(run: TrainedRun) -> dict:
             "(x - mean) / std per channel",
         },
         "training_data": {
-            "dataset": run.data["flag"],
+            "dataset": _dataset(run.data),
             "image_size": run.data["size"],
             "n_samples": run.data.get("n_samples"),
             "seed": res.get("seed"),
-            "checkpoint_selection": "best validation AUC",
+            "checkpoint_selection": "best validation "
+            + metric_title(record, monitored_metric(record)),
         },
         "compression": {
             "recipe": res["compress"]["name"],
@@ -98,7 +109,7 @@ def build_card(run: TrainedRun) -> dict:
             "stages": [
                 {
                     "stage": s["stage"],
-                    "test_auc": s["test"].get("auc"),
+                    "test": {m: (s.get("test") or {}).get(m) for m in headline},
                     "size_mb": (s.get("efficiency") or {}).get("size_mb"),
                     "latency_ms": (s.get("efficiency") or {}).get("latency_ms"),
                 }
@@ -188,8 +199,8 @@ def render_markdown(card: dict, base: Path) -> str:
         "",
     ]
     by_runtime = card["metrics"].get("test_by_runtime") or {"pytorch": card["metrics"]["test"]}
-    keys = [k for k in _METRICS if any(k in (v or {}) for v in by_runtime.values())]
-    lines += ["| runtime | " + " | ".join(k.upper() if len(k) <= 3 else k for k in keys) + " |"]
+    keys = [k for k in t.get("metrics") or () if any(k in (v or {}) for v in by_runtime.values())]
+    lines += ["| runtime | " + " | ".join(metric_title(t, k) for k in keys) + " |"]
     lines += ["|---|" + "---|" * len(keys)]
     for rt, metrics in by_runtime.items():
         lines.append(
@@ -203,7 +214,8 @@ def render_markdown(card: dict, base: Path) -> str:
             "",
             f"## Export parity ({ex['n_test_images']} test images, against PyTorch)",
             "",
-            "| format | file | size MB | max abs logit diff | label agreement | AUC drop | check |",
+            "| format | file | size MB | max abs logit diff | label agreement | "
+            f"{metric_title(t, monitored_metric(t))} drop | check |",
             "|---|---|---|---|---|---|---|",
         ]
         for fmt, e in ex["formats"].items():
@@ -214,7 +226,7 @@ def render_markdown(card: dict, base: Path) -> str:
             lines.append(
                 f"| {_RUNTIME_LABELS.get(fmt, fmt)} | `{Path(e['path']).name}` | {_fmt(e.get('size_mb'), 2)} | "
                 f"{_fmt(p.get('max_abs_diff'), 4)} | {_fmt(p.get('label_agreement'))} | "
-                f"{_fmt(p.get('auc_drop'), 4)} | {status} |"
+                f"{_fmt(p.get('drop'), 4)} | {status} |"
             )
     if card.get("efficiency"):
         eff = card["efficiency"]
@@ -233,11 +245,14 @@ def render_markdown(card: dict, base: Path) -> str:
                 f"{_fmt(r.get('speedup_vs_pytorch'), 2)}x |"
             )
     if card["compression"]["stages"]:
-        lines += ["", "## Compression stages", "", "| stage | test AUC | size MB | latency ms |"]
-        lines += ["|---|---|---|---|"]
+        shown = headline_metrics(t)
+        titles = " | ".join(f"test {metric_title(t, k)}" for k in shown)
+        lines += ["", "## Compression stages", "", f"| stage | {titles} | size MB | latency ms |"]
+        lines += ["|---|" + "---|" * (len(shown) + 2)]
         for s in card["compression"]["stages"]:
+            values = " | ".join(_fmt(s["test"].get(k)) for k in shown)
             lines.append(
-                f"| {s['stage']} | {_fmt(s['test_auc'])} | {_fmt(s['size_mb'], 2)} | {_fmt(s['latency_ms'])} |"
+                f"| {s['stage']} | {values} | {_fmt(s['size_mb'], 2)} | {_fmt(s['latency_ms'])} |"
             )
     for name, path in (card.get("plots") or {}).items():
         rel = Path(path).relative_to(base) if Path(path).is_relative_to(base) else Path(path)
@@ -265,28 +280,28 @@ def write_model_card(run: TrainedRun | str | Path) -> tuple[Path, Path]:
 
 
 def plot_roc(labels: np.ndarray, scores: dict[str, np.ndarray], task, path: Path) -> Path:
-    """ROC curves on the test split: one per runtime for binary tasks (they should overlap), one
-    per class (one-vs-rest) of the first runtime otherwise."""
+    """ROC curves of a classification task on the test split (``task.roc_curves``): one per
+    runtime for binary tasks (they should overlap), one per class (one-vs-rest, the first ten
+    classes that have both outcomes) of the first runtime otherwise."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from sklearn.metrics import auc, roc_curve
 
     fig, ax = plt.subplots(figsize=(4, 4), dpi=120)
-    y = np.asarray(labels)
-    if task.type == "binary-class":
+    if task.type == BINARY:
         for rt, s in scores.items():
-            fpr, tpr, _ = roc_curve(y.reshape(-1), s[:, -1])
-            ax.plot(fpr, tpr, label=f"{_RUNTIME_LABELS.get(rt, rt)} (AUC {auc(fpr, tpr):.3f})")
+            for _, curve in task.roc_curves(labels, s):
+                ax.plot(
+                    curve["fpr"],
+                    curve["tpr"],
+                    label=f"{_RUNTIME_LABELS.get(rt, rt)} (area {curve['area']:.3f})",
+                )
         ax.set_title(f"ROC, positive class: {task.labels[-1]}", fontsize=9)
     else:
         rt, s = next(iter(scores.items()))
-        onehot = y if task.multilabel else np.eye(s.shape[1])[y.reshape(-1)]
-        for i, name in enumerate(task.labels[:10]):
-            if 0 < onehot[:, i].sum() < len(onehot):
-                fpr, tpr, _ = roc_curve(onehot[:, i], s[:, i])
-                ax.plot(fpr, tpr, lw=1, label=f"{name[:24]} ({auc(fpr, tpr):.2f})")
+        for name, curve in task.roc_curves(labels, s)[:10]:
+            ax.plot(curve["fpr"], curve["tpr"], lw=1, label=f"{name[:24]} ({curve['area']:.2f})")
         ax.set_title(f"ROC per class, one-vs-rest ({_RUNTIME_LABELS.get(rt, rt)})", fontsize=9)
     ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1)
     ax.set_xlabel("1 - specificity")

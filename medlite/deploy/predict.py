@@ -18,12 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from medlite.data.readers import InputError, conform_channels, list_inputs, read_image
 from medlite.deploy.export import FILE_NAMES
 from medlite.deploy.onnx import OrtModel
-from medlite.deploy.readers import InputError, conform_channels, list_inputs, read_image
 from medlite.deploy.run_dir import TrainedRun
 from medlite.errors import ConfigError
-from medlite.metrics import predictions
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +97,7 @@ class Predictor:
         with torch.inference_mode():
             scores = self.task.scores(self.model(x).float()).cpu().numpy()
         labels = self.task.labels
-        chosen = predictions(scores, self.task.type)[0]
-        if self.task.multilabel:
-            predicted = [labels[i] for i in np.flatnonzero(chosen)]
-        else:
-            predicted = [labels[int(chosen)]]
+        predicted = self.task.predicted_labels(scores)[0]
         return Prediction(
             path=path,
             probabilities={lab: float(p) for lab, p in zip(labels, scores[0], strict=True)},

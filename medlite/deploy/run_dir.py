@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from medlite.data.tasks import Task
+from medlite.build import build_datamodule, build_model
+from medlite.checkpoints import load_module, load_weights
 from medlite.data.transforms import Preprocess
 from medlite.errors import ConfigError
+from medlite.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,19 @@ class TrainedRun:
 
     @cached_property
     def task(self) -> Task:
-        return Task(type=self.data["task"], labels=tuple(self.data["labels"]))
+        return get_task(self.data["task"], self.data["labels"])
 
     @cached_property
     def preprocess(self) -> Preprocess:
         """The evaluation transform of training (resize/pad, channels, normalisation)."""
         spec = self.data["preprocess"]
         return Preprocess(
-            spec["input_size"], spec["as_rgb"], spec["mean"], spec["std"], spec.get("fit", "resize")
+            spec["input_size"],
+            spec["as_rgb"],
+            spec["mean"],
+            spec["std"],
+            spec.get("fit", "resize"),
+            load_size=spec.get("load_size"),
         )
 
     @property
@@ -95,7 +101,8 @@ class TrainedRun:
     @property
     def name(self) -> str:
         """``<model>-<data>-<compress>``, for titles and file names."""
-        return f"{self.results['model']['name']}-{self.data['flag']}-{self.results['compress']['name']}"
+        data = self.data.get("name") or self.data.get("flag")
+        return f"{self.results['model']['name']}-{data}-{self.results['compress']['name']}"
 
     @property
     def export_dir(self) -> Path:
@@ -130,9 +137,7 @@ class TrainedRun:
         for name in ("compressed/model.pt", "compressed/model_fp32.pt"):
             file = self.path / name
             if file.is_file():
-                model = torch.load(file, map_location="cpu", weights_only=False)
-                if isinstance(model, dict) and "model" in model:  # medlite.compress.prune format
-                    model = model["model"]
+                model = load_module(file)
                 log.info("PyTorch model: %s", file)
                 return model.eval()
         if (self.results.get("compression") or {}).get("steps"):
@@ -150,9 +155,6 @@ class TrainedRun:
         ckpt_path = self._local(ckpt)
         if not ckpt_path.is_file():
             raise ConfigError(f"the run's checkpoint {ckpt_path} is missing")
-        from medlite.compress.teacher import load_weights
-        from medlite.pipeline import build_model
-
         model = build_model(
             self.cfg.model, self.task.num_outputs, self.in_chans, self.input_shape[1]
         )
@@ -166,8 +168,6 @@ class TrainedRun:
         ``data_dir`` overrides where the MedMNIST file is looked for (default: where the run
         found it, else ``MEDLITE_DATA_DIR``); nothing is downloaded unless the run allowed it.
         """
-        from medlite.pipeline import build_datamodule
-
         cfg = self.cfg.copy()
         recorded = self.data.get("file")
         if data_dir:

@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from medlite.compress.base import LossTerm
-from medlite.data.tasks import Task
 from medlite.errors import ConfigError
-from medlite.metrics import compute_metrics
+from medlite.tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +40,7 @@ class MedliteModule(pl.LightningModule):
         optim: dict,
         scheduler: dict | None = None,
         label_smoothing: float = 0.0,
+        class_weights: torch.Tensor | None = None,
         loss_terms: Sequence[LossTerm] = (),
         task_loss_weight: float = 1.0,
         log_prefix: str = "",
@@ -51,6 +51,8 @@ class MedliteModule(pl.LightningModule):
         self.optim_cfg = dict(optim)
         self.sched_cfg = dict(scheduler or {"name": "none"})
         self.label_smoothing = float(label_smoothing)
+        #: loss weights per class (``loss.class_weights``); a plain tensor, not in checkpoints
+        self.class_weights = class_weights
         self.loss_terms = nn.ModuleList(loss_terms)
         #: weight of the task loss next to the extra terms (``w_ce`` in distillation)
         self.task_loss_weight = float(task_loss_weight)
@@ -70,7 +72,7 @@ class MedliteModule(pl.LightningModule):
         x, y = batch
         logits = self(x)
         targets = self.task.targets(y)
-        loss = self.task.loss(logits, targets, self.label_smoothing)
+        loss = self.task.loss(logits, targets, self.label_smoothing, self.class_weights)
         if self.loss_terms:
             self._log("train/loss_task", loss, on_step=False, on_epoch=True, batch_size=len(x))
             loss = self.task_loss_weight * loss
@@ -89,7 +91,7 @@ class MedliteModule(pl.LightningModule):
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> None:
         x, y = batch
         logits = self(x)
-        loss = self.task.loss(logits, self.task.targets(y))
+        loss = self.task.loss(logits, self.task.targets(y), class_weights=self.class_weights)
         self._log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
         self._scores[split].append(
             (y.detach().cpu(), self.task.scores(logits.float()).detach().cpu())
@@ -115,10 +117,11 @@ class MedliteModule(pl.LightningModule):
         if not self._scores[split]:
             return
         y, s = self._gather(split)
-        metrics = compute_metrics(y, s, self.task.type)
+        metrics = self.task.metrics(y, s)
         self.metrics[split] = metrics
+        monitored = self.task.monitor_metric
         for name, value in metrics.items():
-            self._log(f"{split}/{name}", value, prog_bar=split == "val" and name == "auc")
+            self._log(f"{split}/{name}", value, prog_bar=split == "val" and name == monitored)
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_metrics("val")

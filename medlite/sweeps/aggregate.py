@@ -5,6 +5,10 @@ A run directory's ``results.json`` (written by :mod:`medlite.pipeline`, or by :m
 for a multirun job that failed before training) is the only input, so a sweep can be
 aggregated long after it ran, on another machine, or merged with other sweeps (pass their
 common parent). ``scripts/aggregate.py`` is the command line.
+
+Which metrics there are comes from the runs' task records (``medlite.tasks.task_record``): a
+column ``test_<metric>`` per metric of the sweep's task(s), the Pareto fronts and the selection
+on the task's primary metric (the first of its headline). A sweep holds one task kind.
 """
 
 from __future__ import annotations
@@ -22,45 +26,119 @@ from pathlib import Path
 from typing import Any
 
 from medlite.errors import ConfigError
+from medlite.results import headline_metrics, metric_title, primary_metric
 
 log = logging.getLogger(__name__)
 
-#: test metrics carried per job and averaged per group (absent ones stay empty)
-METRICS = ("auc", "acc", "sensitivity", "specificity", "f1")
 #: cost columns (from the run's efficiency profile; latency at batch 1 on CPU)
 COSTS = ("params", "macs", "size_mb", "latency_ms", "throughput_ips")
 #: one group = one configuration trained with several seeds
 GROUP_KEYS = ("paradigm", "model", "compress", "data", "size")
 
-RECORD_FIELDS = (
-    "job",
-    "paradigm",
-    "model",
-    "arch",
-    "compress",
-    "data",
-    "size",
-    "seed",
-    "status",
-    "error",
-    *(f"test_{m}" for m in METRICS),
-    *COSTS,
-    "wall_time_s",
-    "run_dir",
-)
-SUMMARY_FIELDS = (
-    *GROUP_KEYS,
-    "n",
-    "n_failed",
-    "seeds",
-    *(k for m in METRICS for k in (f"test_{m}", f"test_{m}_std")),
-    *COSTS,
-    "latency_ms_std",
-    "pareto_latency",
-    "pareto_params",
-)
-
 _PARADIGM_ORDER = {"cnn": 0, "transformer": 1, "linear": 2}
+
+
+@dataclass(frozen=True)
+class SweepMetrics:
+    """The test metrics of a sweep, from its runs' task records: every metric name in table
+    order (the union over the runs, e.g. binary and multi-class datasets together), their
+    titles, the headline compact tables show, and the primary metric fronts and selection rank
+    on (the first of the headline) with its direction."""
+
+    kind: str
+    names: tuple[str, ...]
+    titles: dict[str, str]
+    headline: tuple[str, ...]
+    primary: str
+    mode: str  # "max" or "min": which way the primary metric improves
+
+    @staticmethod
+    def column(metric: str) -> str:
+        """The summary/aggregate column of a test metric (``test_<metric>``)."""
+        return f"test_{metric}"
+
+    @property
+    def primary_column(self) -> str:
+        return self.column(self.primary)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.mode != "min"
+
+    def title(self, metric: str) -> str:
+        return self.titles.get(metric, metric)
+
+    def record_fields(self) -> tuple[str, ...]:
+        """Columns of aggregate.csv (one row per job)."""
+        return record_fields(self.names)
+
+    def summary_fields(self) -> tuple[str, ...]:
+        """Columns of summary.csv (one row per group)."""
+        return summary_fields(self.names)
+
+
+def record_fields(metric_names: Sequence[str]) -> tuple[str, ...]:
+    """Columns of aggregate.csv for a sweep with these test metrics."""
+    return (
+        "job",
+        "paradigm",
+        "model",
+        "arch",
+        "compress",
+        "data",
+        "size",
+        "seed",
+        "status",
+        "error",
+        *(SweepMetrics.column(m) for m in metric_names),
+        *COSTS,
+        "wall_time_s",
+        "run_dir",
+    )
+
+
+def summary_fields(metric_names: Sequence[str]) -> tuple[str, ...]:
+    """Columns of summary.csv for a sweep with these test metrics (mean and std of each)."""
+    columns = [SweepMetrics.column(m) for m in metric_names]
+    return (
+        *GROUP_KEYS,
+        "n",
+        "n_failed",
+        "seeds",
+        *(k for col in columns for k in (col, f"{col}_std")),
+        *COSTS,
+        "latency_ms_std",
+        "pareto_latency",
+        "pareto_params",
+    )
+
+
+def sweep_metrics(rows: Iterable[dict]) -> SweepMetrics:
+    """The metrics of the runs behind ``rows`` (job records or summary rows, which carry their
+    task record under ``task``). Rows without one (a job that failed before its task was known)
+    don't count; with none at all, the task :func:`medlite.tasks.task_record` assumes for a
+    results.json that records nothing. ConfigError for several task kinds."""
+    from medlite.tasks import task_record
+
+    records = [r["task"] for r in rows if isinstance(r.get("task"), dict)] or [task_record({})]
+    kinds = sorted({str(r.get("kind")) for r in records})
+    if len(kinds) > 1:
+        raise ConfigError(
+            f"these runs hold {len(kinds)} kinds of task ({', '.join(kinds)}); their metrics "
+            "don't compare: aggregate one kind at a time"
+        )
+    names = tuple(dict.fromkeys(m for r in records for m in r.get("metrics") or ()))
+    titles = {m: metric_title(r, m) for r in reversed(records) for m in r.get("metrics") or ()}
+    first = records[0]
+    primary, mode = primary_metric(first)
+    return SweepMetrics(
+        kind=kinds[0],
+        names=names or (primary,),
+        titles=titles,
+        headline=tuple(headline_metrics(first)),
+        primary=primary,
+        mode=mode,
+    )
 
 
 # --------------------------------------------------------------------------- collect
@@ -78,7 +156,11 @@ def _dict(value: Any) -> dict:
 
 
 def _record(file: Path, root: Path, res: dict) -> dict:
-    """One flat row per job; the cost of the final (possibly compressed) model where profiled."""
+    """One flat row per job: ``test_<metric>`` for each metric of its task, the cost of the final
+    (possibly compressed) model where profiled, and the task record itself under ``task`` (not a
+    CSV column). A job that failed before its task was known has no task and no metrics."""
+    from medlite.tasks import task_record
+
     model, data = _dict(res.get("model")), _dict(res.get("data"))
     test, eff = _dict(res.get("test")), _dict(res.get("efficiency"))
     run_dir = file.parent
@@ -92,13 +174,16 @@ def _record(file: Path, root: Path, res: dict) -> dict:
         "model": model.get("name"),
         "arch": model.get("arch"),
         "compress": _dict(res.get("compress")).get("name"),
-        "data": data.get("flag"),
+        "data": data.get("name") or data.get("flag"),
         "size": data.get("size"),
         "seed": res.get("seed"),
         "status": res.get("status"),
         "error": res.get("error"),
     }
-    rec.update({f"test_{m}": _num(test.get(m)) for m in METRICS})
+    task = task_record(res) if res.get("task") or data.get("task") else None
+    if task is not None:
+        rec["task"] = task
+        rec.update({SweepMetrics.column(m): _num(test.get(m)) for m in task.get("metrics") or ()})
     rec.update({k: _num(eff.get(k)) for k in COSTS})
     if rec["params"] is None:  # a failed run may have counted parameters before training
         rec["params"] = _num(model.get("params"))
@@ -165,9 +250,11 @@ def _seed_key(seed: Any) -> tuple:
     return (0, seed, "") if isinstance(seed, int) else (1, 0, str(seed))
 
 
-def summarise(records: Sequence[dict]) -> list[dict]:
+def summarise(records: Sequence[dict], metrics: SweepMetrics | None = None) -> list[dict]:
     """Per configuration: n successful seeds, failed jobs, mean ± std of test metrics, mean
-    cost, and membership of the AUC-vs-latency and AUC-vs-params Pareto fronts (per dataset)."""
+    cost, and membership of the Pareto fronts of the primary metric against latency and against
+    params (per dataset). ``metrics``: default, from the records' task records."""
+    metrics = metrics or sweep_metrics(records)
     groups: dict[tuple, list[dict]] = {}
     for rec in records:
         groups.setdefault(_group_key(rec), []).append(rec)
@@ -180,8 +267,12 @@ def summarise(records: Sequence[dict]) -> list[dict]:
             log.warning("%s: seed(s) %s recorded more than once (several sweeps?)", key, dupes)
         row: dict[str, Any] = dict(zip(GROUP_KEYS, key, strict=True))
         row.update(n=len(ok), n_failed=len(recs) - len(ok), seeds=sorted(seeds, key=_seed_key))
-        for m in METRICS:
-            row[f"test_{m}"], row[f"test_{m}_std"] = _mean_std(r.get(f"test_{m}") for r in ok)
+        task = next((r["task"] for r in [*ok, *recs] if r.get("task")), None)
+        if task is not None:
+            row["task"] = task
+        for m in metrics.names:
+            col = metrics.column(m)
+            row[col], row[f"{col}_std"] = _mean_std(r.get(col) for r in ok)
         for c in COSTS:
             mean, std = _mean_std(r.get(c) for r in ok)
             row[c] = round(mean) if mean is not None and c in ("params", "macs") else mean
@@ -194,19 +285,23 @@ def summarise(records: Sequence[dict]) -> list[dict]:
             row[flag] = False
         for data in {r["data"] for r in rows}:
             subset = [r for r in rows if r["data"] == data]
-            for i in pareto_front(subset, "test_auc", cost):
+            front = pareto_front(subset, metrics.primary_column, cost, metrics.higher_is_better)
+            for i in front:
                 subset[i][flag] = True
     return rows
 
 
-def pareto_front(points: Sequence[dict], maximize_key: str, minimize_key: str) -> list[int]:
-    """Indices of the points no other point beats (>= on ``maximize_key`` and <= on
-    ``minimize_key``, strictly better on one), ordered by cost then index so they draw as a
+def pareto_front(
+    points: Sequence[dict], score_key: str, cost_key: str, higher_is_better: bool = True
+) -> list[int]:
+    """Indices of the points no other point beats (at least as good on ``score_key``, <= on
+    ``cost_key``, strictly better on one), ordered by cost then index so they draw as a
     staircase. Identical points are all kept; points missing either value are left out."""
+    sign = 1.0 if higher_is_better else -1.0
     valid = [
-        (i, float(p[maximize_key]), float(p[minimize_key]))
+        (i, sign * float(p[score_key]), float(p[cost_key]))
         for i, p in enumerate(points)
-        if _num(p.get(maximize_key)) is not None and _num(p.get(minimize_key)) is not None
+        if _num(p.get(score_key)) is not None and _num(p.get(cost_key)) is not None
     ]
     front = [
         (cost, i)
@@ -221,17 +316,11 @@ def pareto_front(points: Sequence[dict], maximize_key: str, minimize_key: str) -
 # --------------------------------------------------------------------------- select
 
 _ALIASES = {
-    **{m: f"test_{m}" for m in METRICS},
-    "sens": "test_sensitivity",
-    "spec": "test_specificity",
     "latency": "latency_ms",
     "throughput": "throughput_ips",
     "dataset": "data",
 }
 _TEXT_KEYS = ("paradigm", "model", "compress", "data")
-_NUMERIC_KEYS = tuple(
-    k for k in SUMMARY_FIELDS if k not in _TEXT_KEYS and k not in ("seeds",) and "pareto" not in k
-)
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
     "<=": operator.le,
     ">=": operator.ge,
@@ -265,29 +354,46 @@ class Constraint:
         return f"{self.key}{self.op}{self.raw or self.value}"
 
 
-def valid_keys() -> list[str]:
-    """The columns a constraint may name (aliases included)."""
-    return sorted({*_NUMERIC_KEYS, *_TEXT_KEYS, *_ALIASES})
+def _aliases(metrics: SweepMetrics | None) -> dict[str, str]:
+    """Short names: each metric by its own name (``<metric>`` for ``test_<metric>``), latency..."""
+    names = metrics.names if metrics else ()
+    return {**{m: SweepMetrics.column(m) for m in names}, **_ALIASES}
 
 
-def parse_constraint(text: str) -> Constraint:
-    """``key op value`` with op in <=, <, >=, >, ==, != ; numbers may end in k, M or G."""
+def _numeric_keys(metrics: SweepMetrics | None) -> tuple[str, ...]:
+    fields = summary_fields(metrics.names if metrics else ())
+    return tuple(
+        k for k in fields if k not in _TEXT_KEYS and k not in ("seeds",) and "pareto" not in k
+    )
+
+
+def valid_keys(metrics: SweepMetrics | None = None) -> list[str]:
+    """The columns a constraint may name (aliases included): costs, text columns and, given the
+    sweep's ``metrics``, its test metrics (by name or as ``test_<metric>``)."""
+    return sorted({*_numeric_keys(metrics), *_TEXT_KEYS, *_aliases(metrics)})
+
+
+def parse_constraint(text: str, metrics: SweepMetrics | None = None) -> Constraint:
+    """``key op value`` with op in <=, <, >=, >, ==, != ; numbers may end in k, M or G. Metric
+    keys are those of ``metrics`` (none without it)."""
     match = _CONSTRAINT.match(text)
     if not match:
+        example = f" or '{metrics.primary}>=0.85'" if metrics else ""
         raise ConfigError(
             f"malformed constraint {text!r}: expected <key><op><value> such as 'latency_ms<=5', "
-            f"'params<1e6' or 'auc>=0.85' (op: {', '.join(_OPS)}); keys: {', '.join(valid_keys())}"
+            f"'params<1e6'{example} (op: {', '.join(_OPS)}); keys: "
+            f"{', '.join(valid_keys(metrics))}"
         )
     key, op, raw = match.groups()
-    key = _ALIASES.get(key, key)
+    key = _aliases(metrics).get(key, key)
     if key in _TEXT_KEYS:
         if op not in ("==", "!="):
             raise ConfigError(f"constraint {text!r}: {key} is text; use == or !=")
         return Constraint(key, op, raw, raw)
-    if key not in _NUMERIC_KEYS:
+    if key not in _numeric_keys(metrics):
         raise ConfigError(
             f"unknown key {match.group(1)!r} in constraint {text!r}; valid keys: "
-            f"{', '.join(valid_keys())}"
+            f"{', '.join(valid_keys(metrics))}"
         )
     scale = _SUFFIX.get(raw[-1].lower(), 1.0) if raw[-1].isalpha() else 1.0
     try:
@@ -299,33 +405,46 @@ def parse_constraint(text: str) -> Constraint:
     return Constraint(key, op, value, raw)
 
 
-def _rank(row: dict) -> tuple:
-    """Best first: highest mean test AUC; ties go to the faster, then smaller, model."""
+def _rank(row: dict, metrics: SweepMetrics) -> tuple:
+    """Best first: best mean of the primary test metric; ties go to the faster, then smaller,
+    model."""
     inf = math.inf
+    score = row[metrics.primary_column]
     return (
-        -row["test_auc"],
+        -score if metrics.higher_is_better else score,
         row["latency_ms"] if row.get("latency_ms") is not None else inf,
         row["params"] if row.get("params") is not None else inf,
         _sort_key(row),
     )
 
 
-def select(summary: Sequence[dict], constraints: Sequence[str]) -> dict | None:
-    """The group with the highest mean test AUC among those meeting every constraint:
+def scored(summary: Sequence[dict], metrics: SweepMetrics) -> list[dict]:
+    """The groups with a successful run and a value of the primary metric."""
+    return [r for r in summary if r.get("n") and r.get(metrics.primary_column) is not None]
+
+
+def select(
+    summary: Sequence[dict], constraints: Sequence[str], metrics: SweepMetrics | None = None
+) -> dict | None:
+    """The group with the best mean primary test metric among those meeting every constraint:
     ``{"best": row, "candidates": rows meeting all (best first), "constraints": [...]}``,
     or None when nothing fits. Groups without a successful run never qualify."""
-    parsed = [parse_constraint(c) for c in constraints]
-    scored = [r for r in summary if r.get("n") and r.get("test_auc") is not None]
-    candidates = sorted((r for r in scored if all(c.holds(r) for c in parsed)), key=_rank)
+    metrics = metrics or sweep_metrics(summary)
+    parsed = [parse_constraint(c, metrics) for c in constraints]
+    candidates = sorted(
+        (r for r in scored(summary, metrics) if all(c.holds(r) for c in parsed)),
+        key=lambda r: _rank(r, metrics),
+    )
     if not candidates:
         return None
     datasets = {(r["data"], r["size"]) for r in candidates}
     if len(datasets) > 1:
         log.warning(
-            "candidates come from %d datasets/sizes %s: AUCs are not comparable across them; "
+            "candidates come from %d datasets/sizes %s: their %s values are not comparable; "
             "add a constraint such as data==%s",
             len(datasets),
             sorted(datasets, key=str),
+            metrics.title(metrics.primary),
             candidates[0]["data"],
         )
     return {
@@ -390,22 +509,34 @@ def first_line(text: str | None) -> str:
     return lines[0] if lines else ""
 
 
-def _markdown(summary: Sequence[dict], records: Sequence[dict]) -> str:
+def _markdown(summary: Sequence[dict], records: Sequence[dict], metrics: SweepMetrics) -> str:
     n_ok = sum(r.get("status") == "ok" for r in records)
+    primary = metrics.title(metrics.primary)
     out = [
         "# Sweep summary",
         "",
         f"{len(records)} job(s): {n_ok} succeeded, {len(records) - n_ok} failed. Test metrics: "
         "mean ± sample std over seeds (n = successful seeds). Cost: the final model's profile "
         "(latency at batch 1 on CPU, as measured on the machine that ran each job). "
-        "Pareto: on the test-AUC-vs-latency / -vs-params front of its dataset.",
+        f"Pareto: on the test-{primary}-vs-latency / -vs-params front of its dataset.",
     ]
-    header = (
-        "| model | compress | data | size | n | failed | test AUC | test ACC | sensitivity "
-        "| specificity | params | MACs | size (MB) | latency (ms) | Pareto |"
-    )
+    columns = [
+        "model",
+        "compress",
+        "data",
+        "size",
+        "n",
+        "failed",
+        *(f"test {metrics.title(m)}" for m in metrics.names),
+        "params",
+        "MACs",
+        "size (MB)",
+        "latency (ms)",
+        "Pareto",
+    ]
+    header = "| " + " | ".join(columns) + " |"
     for paradigm in dict.fromkeys(r["paradigm"] for r in summary):
-        out += ["", f"## {paradigm or 'unknown paradigm'}", "", header, "|" + "---|" * 15]
+        out += ["", f"## {paradigm or 'unknown paradigm'}", "", header, "|" + "---|" * len(columns)]
         for r in (r for r in summary if r["paradigm"] == paradigm):
             cells = [
                 r["model"],
@@ -414,7 +545,7 @@ def _markdown(summary: Sequence[dict], records: Sequence[dict]) -> str:
                 r["size"],
                 r["n"],
                 r["n_failed"],
-                *(format_pm(r[f"test_{m}"], r[f"test_{m}_std"]) for m in METRICS[:4]),
+                *(format_pm(*metric_cells(r, m)) for m in metrics.names),
                 format_count(r["params"]),
                 format_count(r["macs"]),
                 format_float(r["size_mb"]),
@@ -431,17 +562,29 @@ def _markdown(summary: Sequence[dict], records: Sequence[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_tables(summary: Sequence[dict], out_dir: str | Path, records: Sequence[dict]) -> dict:
+def metric_cells(row: dict, metric: str) -> tuple[float | None, float | None]:
+    """(mean, std) of a test metric in a summary row."""
+    col = SweepMetrics.column(metric)
+    return row.get(col), row.get(f"{col}_std")
+
+
+def write_tables(
+    summary: Sequence[dict],
+    out_dir: str | Path,
+    records: Sequence[dict],
+    metrics: SweepMetrics | None = None,
+) -> dict:
     """``aggregate.csv`` (one row per job), ``summary.csv`` and ``summary.md`` in ``out_dir``;
     returns their paths by name."""
+    metrics = metrics or sweep_metrics(records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
-        "aggregate.csv": _write_csv(out / "aggregate.csv", records, RECORD_FIELDS),
-        "summary.csv": _write_csv(out / "summary.csv", summary, SUMMARY_FIELDS),
+        "aggregate.csv": _write_csv(out / "aggregate.csv", records, metrics.record_fields()),
+        "summary.csv": _write_csv(out / "summary.csv", summary, metrics.summary_fields()),
     }
     md = out / "summary.md"
-    md.write_text(_markdown(summary, records))
+    md.write_text(_markdown(summary, records, metrics))
     paths["summary.md"] = md
     return paths
 
@@ -455,15 +598,20 @@ _STYLE = {
 }
 
 
-def plot_pareto(summary: Sequence[dict], out_png: str | Path) -> Path | None:
-    """Test AUC vs batch-1 latency (log when it spans over 20x) and vs params (log): one
-    marker/colour per paradigm, std over seeds as error bars, each dataset's front as a
-    staircase with its points circled. None if nothing to draw."""
+def plot_pareto(
+    summary: Sequence[dict], out_png: str | Path, metrics: SweepMetrics | None = None
+) -> Path | None:
+    """The primary test metric vs batch-1 latency (log when it spans over 20x) and vs params
+    (log): one marker/colour per paradigm, std over seeds as error bars, each dataset's front as
+    a staircase with its points circled. None if nothing to draw."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
 
-    rows = [r for r in summary if r.get("n") and r.get("test_auc") is not None]
+    metrics = metrics or sweep_metrics(summary)
+    y, y_std = metrics.primary_column, f"{metrics.primary_column}_std"
+    title = metrics.title(metrics.primary)
+    rows = scored(summary, metrics)
     if not rows:
-        log.warning("no successful run with a test AUC: no Pareto plot")
+        log.warning("no successful run with a test %s: no Pareto plot", title)
         return None
     fig = Figure(figsize=(13, 5.2), layout="constrained")
     axes = fig.subplots(1, 2)
@@ -477,8 +625,8 @@ def plot_pareto(summary: Sequence[dict], out_png: str | Path) -> Path | None:
             marker, colour = _STYLE.get(r["paradigm"], ("D", "tab:gray"))
             ax.errorbar(
                 r[cost],
-                r["test_auc"],
-                yerr=r["test_auc_std"] or 0.0,
+                r[y],
+                yerr=r.get(y_std) or 0.0,
                 fmt=marker,
                 color=colour,
                 markersize=7,
@@ -488,7 +636,7 @@ def plot_pareto(summary: Sequence[dict], out_png: str | Path) -> Path | None:
             drawn.add(r["paradigm"])
             ax.annotate(
                 f"{r['model']}/{r['compress']}",
-                (r[cost], r["test_auc"]),
+                (r[cost], r[y]),
                 textcoords="offset points",
                 xytext=(5, 5),
                 fontsize=8,
@@ -496,12 +644,13 @@ def plot_pareto(summary: Sequence[dict], out_png: str | Path) -> Path | None:
         labelled = False
         for data in sorted({r["data"] for r in rows}, key=str):
             subset = [r for r in rows if r["data"] == data]
-            front = [subset[i] for i in pareto_front(subset, "test_auc", cost)]
+            front = pareto_front(subset, y, cost, metrics.higher_is_better)
+            front = [subset[i] for i in front]
             if not front:
                 continue
-            xs, ys = [r[cost] for r in front], [r["test_auc"] for r in front]
+            xs, ys = [r[cost] for r in front], [r[y] for r in front]
             x_end = max(r[cost] for r in subset if r.get(cost) is not None)
-            ax.step(  # the best AUC reachable at each cost, up to the costliest model
+            ax.step(  # the best score reachable at each cost, up to the costliest model
                 [*xs, x_end], [*ys, ys[-1]], where="post", color="black", lw=1, alpha=0.7, zorder=1
             )
             ax.scatter(
@@ -520,7 +669,7 @@ def plot_pareto(summary: Sequence[dict], out_png: str | Path) -> Path | None:
             log_x = True
             ax.set_xscale("log")
         ax.set_xlabel(xlabel + (" (log)" if log_x else ""))
-        ax.set_ylabel("test AUC (mean ± std over seeds)")
+        ax.set_ylabel(f"test {title} (mean ± std over seeds)")
         ax.margins(x=0.12, y=0.08)  # room for the labels
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8, loc="best")

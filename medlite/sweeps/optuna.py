@@ -7,7 +7,10 @@ one talks to the current Optuna API directly and is small enough to read in one 
 How it runs: Optuna proposes each trial's values, Hydra's launcher (basic, joblib or SLURM) runs
 them as ordinary jobs, each in its own run directory with its own ``results.json`` and W&B run,
 and the objectives are read back from each job's ``results.json`` (so several objectives, e.g.
-validation AUC and MACs, are as easy as one). A trial whose job fails, or whose objective is
+the task's validation metric and MACs, are as easy as one). The default objective is
+``optimized/value``, maximised: the value of the metric each run reports as optimised
+(``optimized_metric``; null means its task's monitored metric, validation AUC for
+classification). A trial whose job fails, or whose objective is
 missing or not finite (a NaN loss), is told to Optuna as FAILED and the study goes on. The study
 lives in ``<sweep dir>/optuna.db`` (SQLite): running the same command with the same
 ``hydra.sweep.dir`` continues it up to ``n_trials``.
@@ -54,10 +57,16 @@ SAMPLERS = {
 }
 
 
+#: what each run reports as optimised (pipeline: ``results["optimized"]``), and its direction
+OPTIMIZED_VALUE = "optimized/value"
+OPTIMIZED_MODE = "optimized/mode"
+_DIRECTIONS = {"max": "maximize", "min": "minimize"}
+
+
 @dataclass
 class Objective:
-    """One number to optimise, read from a job's results.json (``val/auc``,
-    ``efficiency/macs``, ...)."""
+    """One number to optimise, read from a job's results.json (``optimized/value``,
+    ``val/<metric>``, ``efficiency/macs``, ...)."""
 
     metric: str
     direction: str = "maximize"
@@ -69,11 +78,29 @@ class Objective:
             return None
         return value if math.isfinite(value) else None
 
+    def conflict(self, results: dict) -> str | None:
+        """Why this objective can't take the run's value, or None. ``optimized/value`` comes
+        with the direction the run's task gives it (``optimized/mode``); a study's directions are
+        fixed when it is created, so a run whose metric goes the other way fails its trial."""
+        if self.metric != OPTIMIZED_VALUE:
+            return None
+        mode = lookup(results, OPTIMIZED_MODE)
+        wanted = _DIRECTIONS.get(str(mode))
+        if wanted is None or wanted == self.direction:
+            return None
+        metric = lookup(results, "optimized/metric")
+        return (
+            f"the study {self.direction}s {OPTIMIZED_VALUE} but this run's optimized metric "
+            f"({metric}) is better when {'lower' if mode == 'min' else 'higher'} (mode {mode}); "
+            f"set hydra.sweeper.objectives=[{{metric: {OPTIMIZED_VALUE}, direction: {wanted}}}]"
+        )
 
-def parse_objectives(objectives: Any, default_metric: str) -> list[Objective]:
-    """``null`` -> maximise ``optimized_metric``; else a list of ``{metric, direction}``."""
+
+def parse_objectives(objectives: Any) -> list[Objective]:
+    """``null`` -> maximise ``optimized/value`` (each run's ``optimized_metric``, the task's
+    monitored metric by default); else a list of ``{metric, direction}``."""
     if not objectives:
-        return [Objective(default_metric, "maximize")]
+        return [Objective(OPTIMIZED_VALUE, "maximize")]
     parsed = []
     for item in objectives:
         item = dict(item)
@@ -82,8 +109,8 @@ def parse_objectives(objectives: Any, default_metric: str) -> list[Objective]:
             raise ConfigError(f"objective {item}: direction must be maximize or minimize")
         if "metric" not in item or "/" not in str(item["metric"]):
             raise ConfigError(
-                f"objective {item}: give metric as a path in results.json, e.g. val/auc or "
-                "efficiency/latency_ms"
+                f"objective {item}: give metric as a path in results.json, e.g. "
+                f"{OPTIMIZED_VALUE}, val/<metric> or efficiency/latency_ms"
             )
         parsed.append(Objective(str(item["metric"]), direction))
     return parsed
@@ -229,9 +256,7 @@ class OptunaSweeper(Sweeper):
         import optuna
 
         assert self.config is not None and self.launcher is not None
-        objectives = parse_objectives(
-            self.objectives_cfg, str(self.config.get("optimized_metric") or "val/auc")
-        )
+        objectives = parse_objectives(self.objectives_cfg)
         space, fixed = split_search_space(
             {str(k): str(v) for k, v in self.params.items()}, arguments
         )
@@ -257,7 +282,7 @@ class OptunaSweeper(Sweeper):
             self.n_trials,
             self.n_jobs,
             self.sampler_name,
-            ", ".join(f"{o.direction} {o.metric}" for o in objectives),
+            ", ".join(_describe(o, self.config) for o in objectives),
             ", ".join(space),
         )
         returns: list = []
@@ -306,6 +331,12 @@ class OptunaSweeper(Sweeper):
         results = _read_results(output_dir)
         values = [o.read(results) for o in objectives] if results else [None] * len(objectives)
         failed = job.status != JobStatus.COMPLETED or results.get("status") not in (None, "ok")
+        conflicts = [c for o in objectives if (c := o.conflict(results))]
+        if not failed and conflicts:
+            trial.set_user_attr("error", conflicts[0])
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            log.error("trial %d failed: %s", trial.number, conflicts[0])
+            return
         if failed or any(v is None for v in values):
             error = results.get("error") or (
                 repr(job._return_value) if job.status != JobStatus.COMPLETED else None
@@ -317,6 +348,13 @@ class OptunaSweeper(Sweeper):
             log.warning("trial %d failed: %s", trial.number, trial.user_attrs["error"])
             return
         study.tell(trial, values if len(values) > 1 else values[0])
+
+
+def _describe(objective: Objective, config: DictConfig) -> str:
+    text = f"{objective.direction} {objective.metric}"
+    if objective.metric == OPTIMIZED_VALUE:
+        text += f" ({config.get('optimized_metric') or 'the task monitored metric of each run'})"
+    return text
 
 
 def _job_output_dir(job) -> Path | None:

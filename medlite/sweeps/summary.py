@@ -17,13 +17,16 @@ from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from medlite.results import write_json
+from medlite.results import primary_metric, write_json
 
 log = logging.getLogger(__name__)
 
 
 def summarise_sweep(sweep_dir: str | Path) -> dict:
-    """Status of every job directory under ``sweep_dir`` (one level: Hydra's job subdirs)."""
+    """Status of every job directory under ``sweep_dir`` (one level: Hydra's job subdirs), with
+    each job's primary test metric (the first of its task's headline: ``metric`` and ``test``)."""
+    from medlite.tasks import task_record
+
     sweep_dir = Path(sweep_dir)
     jobs = []
     for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -38,12 +41,14 @@ def summarise_sweep(sweep_dir: str | Path) -> dict:
             jobs.append({"job": job.name, "status": "unreadable", "error": str(err)})
             continue
         error = (res.get("error") or "").strip().splitlines()
+        metric, _ = primary_metric(task_record(res))
         jobs.append(
             {
                 "job": job.name,
                 "status": res.get("status"),
                 "error": error[0] if error else None,
-                "test_auc": (res.get("test") or {}).get("auc"),
+                "metric": metric,
+                "test": (res.get("test") or {}).get(metric),
                 "wall_time_s": res.get("wall_time_s"),
             }
         )

@@ -10,11 +10,12 @@ import pytest
 import torch
 from torch import nn
 
+from medlite.build import build_datamodule
 from medlite.compress import RunContext, build_steps
 from medlite.compress.kd import TeacherInput, attention_map, auto_feature_layer, distillation_loss
 from medlite.errors import ConfigError
 from medlite.models import create_model
-from medlite.pipeline import build_datamodule, run
+from medlite.pipeline import run
 from tests.helpers import make_cfg
 
 FAST = ["debug=limit", "callbacks=none"]

@@ -17,6 +17,7 @@ from scipy.stats import spearmanr
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
+from medlite.build import build_datamodule, build_model
 from medlite.compress import RunContext, build_steps
 from medlite.compress.evaluate import evaluate, predict_scores
 from medlite.compress.quantize import (
@@ -31,7 +32,6 @@ from medlite.deploy import OrtModel, onnx_weight_dtypes
 from medlite.efficiency import count_macs, count_parameters, profile_model
 from medlite.errors import ConfigError, TrainingError
 from medlite.models import create_model
-from medlite.pipeline import build_datamodule, build_model
 from tests.helpers import make_cfg
 
 pytestmark = pytest.mark.usefixtures("one_thread")

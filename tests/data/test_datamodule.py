@@ -1,6 +1,6 @@
-"""MedMNISTDataModule end to end: official files (split sizes, shapes, dtypes, normalisation,
-channels, input size and fit mode, task), train-only augmentation, the embedded synthetic sets,
-and config errors."""
+"""The datamodule end to end over the MedMNIST and synthetic sources: official files (split sizes,
+shapes, dtypes, normalisation, channels, input size and fit mode, task), train-only augmentation,
+the embedded synthetic sets, source and config errors."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ import torch
 from omegaconf import OmegaConf
 
 from medlite.data import synthetic
-from medlite.data.datamodule import MedMNISTDataModule
-from medlite.data.tasks import BINARY, MULTILABEL, ORDINAL
+from medlite.data.datamodule import DataModule
+from medlite.data.sources.medmnist import MedMNISTSource
+from medlite.data.sources.synthetic import SyntheticSource
 from medlite.errors import ConfigError
+from medlite.tasks import BINARY, MULTILABEL, ORDINAL
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # The augmentation every MedMNIST / synthetic data option trains with by default.
-DEFAULT_AUGMENT = OmegaConf.to_container(
-    OmegaConf.load(CONF_DIR / "data" / "medmnist.yaml").augment
-)
+DEFAULT_AUGMENT = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "data" / "base.yaml").augment)
 
 REAL = {
     # flag: (channels, task type, number of outputs)
@@ -31,11 +31,12 @@ REAL = {
 }
 
 
-def _real_dm(shared_data: Path, tmp_path: Path, flag: str, **kwargs) -> MedMNISTDataModule:
+def _real_dm(shared_data: Path, tmp_path: Path, flag: str, **kwargs) -> DataModule:
     kwargs.setdefault("augment", DEFAULT_AUGMENT)
-    dm = MedMNISTDataModule(
-        flag, root=str(shared_data), cache_dir=str(tmp_path), download=False, **kwargs
+    source = MedMNISTSource(
+        flag, data_dir=str(shared_data), cache_dir=str(tmp_path), download=False
     )
+    dm = DataModule(source, **kwargs)
     dm.setup()
     return dm
 
@@ -183,15 +184,9 @@ def test_augmentation_only_on_train_real(shared_data, tmp_path):
 # --------------------------------------------------------------------------- synthetic sets
 
 
-def _synth_dm(tmp_path: Path, flag: str = "synthlesion", **kwargs) -> MedMNISTDataModule:
+def _synth_dm(tmp_path: Path, flag: str = "synthlesion", size: int = 28, **kwargs) -> DataModule:
     kwargs.setdefault("augment", DEFAULT_AUGMENT)
-    dm = MedMNISTDataModule(
-        flag,
-        root=str(tmp_path / "no-medmnist-here"),
-        cache_dir=str(tmp_path),
-        download=False,
-        **kwargs,
-    )
+    dm = DataModule(SyntheticSource(flag, size=size, cache_dir=str(tmp_path)), **kwargs)
     dm.setup()
     return dm
 
@@ -201,8 +196,6 @@ def test_synthetic_generated_into_cache_dir(tmp_path):
     assert not target.exists()
     dm = _synth_dm(tmp_path, batch_size=32)
     assert dm.path == target and target.is_file()
-    # nothing was written into the (official-data) root
-    assert not (tmp_path / "no-medmnist-here").exists()
 
     want = synthetic.SYNTHETIC_INFO["synthlesion"]["n_samples"]
     assert {k: len(v) for k, v in dm.splits.items()} == want
@@ -275,10 +268,60 @@ def test_synthetic_size_64_served_at_64(tmp_path):
     ],
 )
 def test_mean_std_length_mismatch(tmp_path, kwargs, match):
+    dm = DataModule(SyntheticSource(cache_dir=str(tmp_path)), **kwargs)
     with pytest.raises(ConfigError, match=match):
-        MedMNISTDataModule("synthlesion", cache_dir=str(tmp_path), **kwargs)
+        dm.setup()
 
 
 def test_bad_fit_mode(tmp_path):
     with pytest.raises(ConfigError, match="data.fit"):
-        MedMNISTDataModule("synthlesion", cache_dir=str(tmp_path), fit="crop")
+        DataModule(SyntheticSource(cache_dir=str(tmp_path)), fit="crop").setup()
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda d: MedMNISTSource("breastmnits", data_dir=d), "Did you mean 'breastmnist'"),
+        (lambda d: MedMNISTSource("breastmnist", size=100, data_dir=d), "data.size=100"),
+        (lambda d: MedMNISTSource("adrenalmnist3d", data_dir=d), "3D"),
+        (lambda d: SyntheticSource("synthlesion", size=27, cache_dir=d), "data.size=27"),
+        (lambda d: SyntheticSource("nosuch", cache_dir=d), "unknown synthetic"),
+    ],
+)
+def test_sources_check_their_settings_before_reading(tmp_path, make, match):
+    """A bad flag or size is the source's to refuse, at once and without touching the disk."""
+    with pytest.raises(ConfigError, match=match):
+        make(str(tmp_path / "nothing-here"))
+    assert not (tmp_path / "nothing-here").exists()
+
+
+def test_synthetic_volumes_are_refused_by_the_2d_datamodule(tmp_path):
+    dm = DataModule(SyntheticSource("synthlesion3d", cache_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="3D volumes"):
+        dm.setup()
+
+
+def test_class_counts_and_balance_table(shared_data, tmp_path):
+    dm = _real_dm(shared_data, tmp_path, "breastmnist")
+    _, raw_y = _raw(shared_data, "breastmnist", "train")
+    assert dm.class_counts("train").tolist() == np.bincount(raw_y.reshape(-1)).tolist()
+    table = dm.balance_table()
+    for label in dm.task.labels:
+        assert label in table
+    record = dm.describe()
+    assert record["source"] == "medmnist" and record["name"] == "breastmnist"
+    assert record["class_counts"]["train"] == dm.class_counts("train").tolist()
+    assert record["md5"] == medmnist.INFO["breastmnist"]["MD5"]
+
+
+def test_preprocess_fits_other_sizes_to_the_stored_size_first(tmp_path):
+    """predict.py gets files of any size: they are brought to the dataset's stored size as the
+    training images were, then to the model's input size."""
+    dm = DataModule(SyntheticSource(cache_dir=str(tmp_path)), input_size=64)
+    pre = dm.preprocess
+    assert pre.load_size == 28 and pre.input_size == 64
+    big = np.random.default_rng(0).integers(0, 256, (200, 200), dtype=np.uint8)
+    from medlite.data.transforms import fit_image
+
+    stored = fit_image(big, 28, "resize")
+    torch.testing.assert_close(pre(big), pre(stored), rtol=0, atol=0)

@@ -54,7 +54,11 @@ def test_export_cli(exported_run: Path, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(exported_run, run_dir, ignore=shutil.ignore_patterns("export"))
     assert main_export([f"run={run_dir}", "formats=[onnx_fp32]"]) == 0
-    assert "pass" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pass" in out
+    task = json.loads((run_dir / "results.json").read_text())["task"]
+    for metric in task["headline"]:  # the table's metric columns: the task's headline
+        assert f"test {task['titles'][metric]}" in out
     # a format exported later joins the record instead of replacing it
     assert main_export([f"run={run_dir}", "formats=[torch_export]"]) == 0
     formats = json.loads((run_dir / "export" / "export.json").read_text())["formats"]

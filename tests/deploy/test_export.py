@@ -10,10 +10,18 @@ import pytest
 import torch
 
 from medlite.deploy import export as export_mod
-from medlite.deploy.export import ExportError, ExportSettings, _torch_export, export_run
+from medlite.deploy.export import (
+    ExportError,
+    ExportSettings,
+    _metric_drop,
+    _torch_export,
+    export_run,
+    settings_from_config,
+)
 from medlite.deploy.onnx import OnnxExportError, OrtModel, export_onnx, onnx_weight_dtypes
 from medlite.deploy.run_dir import TrainedRun
 from medlite.errors import ConfigError
+from medlite.tasks import BINARY, ORDINAL, ClassificationTask
 from tests.helpers import model_and_context
 
 
@@ -37,6 +45,14 @@ def test_train_with_export_writes_checked_formats(exported_run: Path):
     int8 = fmts["onnx_int8"]
     # the issue's bar: int8 within one AUC point of fp32 on BreastMNIST
     assert abs(int8["test"]["auc"] - fmts["onnx_fp32"]["test"]["auc"]) <= 0.01
+    # int8's check is on the task's monitored metric, named in the record
+    assert rec["task"] == results["task"]
+    metric = results["task"]["monitor"].split("/")[-1]
+    assert int8["parity"]["metric"] == metric
+    drop = rec["reference"]["test"][metric] - int8["test"][metric]
+    assert int8["parity"]["drop"] == pytest.approx(drop)
+    assert int8["parity"]["tolerance"] == {"drop": ExportSettings().int8_max_drop}
+    assert int8["parity"]["ok"] is True
     counts = onnx_weight_dtypes(int8["path"])
     assert counts.get("int8", 0) > 0.9 * sum(counts.values())
     assert int8["size_mb"] < 0.5 * fmts["onnx_fp32"]["size_mb"]
@@ -62,9 +78,16 @@ def test_exported_files_run_on_their_own(exported_run: Path, shared_data: Path):
 
 def test_model_card_is_complete(exported_run: Path):
     card = json.loads((exported_run / "model_card.json").read_text())
+    task = json.loads((exported_run / "results.json").read_text())["task"]
     assert card["task"]["classes"] == ["malignant", "normal, benign"]
+    assert card["task"]["dataset"] == "breastmnist"
+    assert card["task"]["metrics"] == task["metrics"] and card["task"]["monitor"] == task["monitor"]
     assert card["input"]["shape"] == [1, 28, 28] and card["input"]["mean"] == [0.5]
-    assert {"sensitivity", "specificity", "auc", "acc"} <= set(card["metrics"]["test"])
+    assert set(task["metrics"]) <= set(card["metrics"]["test"])
+    monitored = task["monitor"].split("/")[-1]
+    assert card["training_data"]["checkpoint_selection"] == (
+        f"best validation {task['titles'][monitored]}"
+    )
     assert set(card["metrics"]["test_by_runtime"]) == {
         "pytorch",
         "onnx_fp32",
@@ -77,6 +100,9 @@ def test_model_card_is_complete(exported_run: Path):
     for heading in ("Intended use and limitations", "Input specification", "Export parity"):
         assert f"## {heading}" in md
     assert "not a medical device" in md
+    titles = [task["titles"][m] for m in task["metrics"]]
+    assert "| runtime | " + " | ".join(titles) + " |" in md  # metric columns: the task's
+    assert f"| {task['titles'][monitored]} drop | check |" in md
     roc = exported_run / "export" / "roc.png"
     assert roc.read_bytes()[:4] == b"\x89PNG"
     assert "](export/roc.png)" in md
@@ -121,9 +147,80 @@ def test_unexportable_model_is_reported_and_other_formats_still_export(
     assert (run_dir / "export" / "model.pt2").is_file()
 
 
+def test_int8_too_far_below_pytorch_fails_naming_the_metric(
+    exported_run: Path, tmp_path, monkeypatch
+):
+    """int8 may lose at most export.int8_max_drop of the task's monitored test metric; an int8
+    model whose scores are reversed loses far more, and the message says which metric."""
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(exported_run, run_dir, ignore=shutil.ignore_patterns("export"))
+
+    class Reversed(OrtModel):
+        def forward(self, x):
+            return -super().forward(x)
+
+    monkeypatch.setattr(export_mod, "OrtModel", Reversed)
+    task = TrainedRun.load(run_dir).task
+    name = task.title(task.monitor_metric)
+    with pytest.raises(ExportError, match=f"onnx_int8: test {name} .* worse than PyTorch"):
+        export_run(run_dir, ExportSettings(formats=["onnx_int8"], int8_max_drop=0.0))
+    parity = _export(run_dir)["formats"]["onnx_int8"]["parity"]
+    assert parity["metric"] == task.monitor_metric and parity["drop"] > 0
+    assert parity["ok"] is False and parity["tolerance"] == {"drop": 0.0}
+
+
+class _Scored(ClassificationTask):
+    """A classification task whose monitored metric is better when lower (as a loss would be)."""
+
+    monitor_metric = "mae"
+    monitor_mode = "min"
+
+
+def test_metric_drop_follows_the_direction_of_the_monitored_metric():
+    settings = ExportSettings(int8_max_drop=0.05)
+    task = ClassificationTask(BINARY, ("a", "b"))
+    metric = task.monitor_metric
+    worse = _metric_drop({metric: 0.9}, {metric: 0.8}, task, settings)
+    assert worse["metric"] == metric and worse["drop"] == pytest.approx(0.1) and not worse["ok"]
+    assert _metric_drop({metric: 0.9}, {metric: 0.95}, task, settings)["ok"]
+    lower = _Scored(ORDINAL, ("0", "1", "2"))
+    up = _metric_drop({"mae": 0.5}, {"mae": 0.6}, lower, settings)  # higher error: worse
+    assert up["drop"] == pytest.approx(0.1) and not up["ok"]
+    down = _metric_drop({"mae": 0.5}, {"mae": 0.4}, lower, settings)
+    assert down["drop"] == pytest.approx(-0.1) and down["ok"]
+
+
+def test_only_classification_tasks_get_a_roc_plot(exported_run: Path, tmp_path, monkeypatch):
+    """ROC curves are drawn for classifiers only; another kind of task exports without one."""
+    import shutil
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(exported_run, run_dir, ignore=shutil.ignore_patterns("export"))
+
+    class OtherKind(ClassificationTask):
+        kind = "segmentation"
+
+    def other_task(self):
+        return OtherKind(self.data["task"], tuple(self.data["labels"]))
+
+    monkeypatch.setattr(TrainedRun, "task", property(other_task))
+    export_run(run_dir, ExportSettings(formats=["onnx_fp32"]))
+    assert not (run_dir / "export" / "roc.png").exists()
+    assert "roc.png" not in (run_dir / "model_card.md").read_text()
+
+
 def test_bad_settings_and_runs_are_clear_errors(tmp_path):
     with pytest.raises(ConfigError, match="subset"):
         ExportSettings(formats=["tflite"])
+    with pytest.raises(ConfigError, match="tolerances must be positive"):
+        ExportSettings(int8_max_drop=-0.01)
+    from omegaconf import OmegaConf
+
+    old = OmegaConf.create({"formats": ["onnx_int8"], "int8_max_auc_drop": 0.01})  # renamed
+    with pytest.raises(ConfigError, match="did you mean int8_max_drop"):
+        settings_from_config(old)
     with pytest.raises(ConfigError, match="not a medlite run directory"):
         TrainedRun.load(tmp_path)
     (tmp_path / "results.json").write_text(json.dumps({"status": "failed", "error": "NaN loss"}))

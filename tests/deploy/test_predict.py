@@ -122,3 +122,55 @@ def test_prediction_never_touches_the_network(exported_run, image_folder, monkey
     monkeypatch.setattr(socket, "create_connection", no_network)
     rows = Predictor(exported_run).predict(image_folder)
     assert all(r.ok for r in rows)
+
+
+def test_a_file_that_trains_is_a_file_that_predicts(tmp_path, shared_data):
+    """A folder run on 100 px PNGs (stored at data.size=28): predict.py on those same files
+    gives exactly the probabilities of the model on the images the run trained and tested on,
+    because both go through the same reader and the same fit to the stored size."""
+    import json
+
+    from medlite.build import build_datamodule
+    from medlite.pipeline import run
+    from tests.helpers import make_cfg
+
+    root = tmp_path / "classes"
+    with np.load(shared_data / "breastmnist.npz") as f:
+        images, labels = f["train_images"][:60], f["train_labels"][:60, 0]
+    for i, (img, lab) in enumerate(zip(images, labels, strict=True)):
+        folder = root / ("malignant" if lab == 0 else "benign")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).resize((100, 100), Image.BICUBIC).save(folder / f"img{i:03d}.png")
+    out = tmp_path / "run"
+    cfg = make_cfg(
+        out,
+        [
+            "data=folder",
+            f"data.root={root}",
+            "data.size=28",
+            "model.input_size=32",  # a model input other than the stored size
+            "trainer.max_epochs=1",
+            "callbacks=none",
+            "profile.enabled=false",
+        ],
+    )
+    run(cfg)
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"]["preprocess"]["load_size"] == 28
+    trained = TrainedRun.load(out)
+    predictor = Predictor(trained, runtime="pytorch")
+    dm = build_datamodule(cfg)
+    dm.setup()
+    test = dm.source.load()["test"]
+    model = trained.torch_model()
+    for image_id, stored in zip(test.ids, test.images, strict=True):
+        x, shape = predictor.preprocess(root / image_id)
+        assert shape == (100, 100)
+        # the model input predict.py makes from the file is the one training made from it
+        torch.testing.assert_close(x[0], trained.preprocess(stored), rtol=0, atol=0)
+        row = predictor.predict_file(root / image_id)
+        assert row.ok, row.error
+        with torch.no_grad():
+            want = torch.softmax(model(x), -1)[0]
+        got = torch.tensor([row.probabilities[lab] for lab in trained.task.labels])
+        torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-6)

@@ -13,7 +13,6 @@ from omegaconf import OmegaConf
 
 import medlite.models.linear  # noqa: F401  (registers vim, vmamba, vrwkv)
 from medlite import efficiency
-from medlite.data.tasks import BINARY, Task
 from medlite.models import count_parameters, create_model, get_entry
 from medlite.models.linear.vim import BiMambaMixer, MultiScanSSM, patch_size_for, scan_macs
 from medlite.models.linear.vmamba import (
@@ -26,6 +25,7 @@ from medlite.models.linear.vmamba import (
 )
 from medlite.models.linear.vrwkv import SpatialMix, q_shift, wkv_macs
 from medlite.modules import LinearComplexityModule
+from medlite.tasks import BINARY, ClassificationTask
 
 MODELS = ("vim", "vmamba", "vrwkv")
 SIZES = (28, 64, 128, 224)
@@ -118,7 +118,7 @@ def test_state_space_parameters_skip_weight_decay(name):
     """A, D, dt biases, WKV decays and position embeddings must not be shrunk towards 0."""
     model = _build(name)
     module = LinearComplexityModule(
-        model, Task(BINARY, ("a", "b")), optim={"_target_": "torch.optim.AdamW"}
+        model, ClassificationTask(BINARY, ("a", "b")), optim={"_target_": "torch.optim.AdamW"}
     )
     names = {n for n, p in model.named_parameters() if module.is_no_decay(n, p)}
     special = {

@@ -256,7 +256,7 @@ def test_arch_without_pretrained_weights(no_network):
 def test_build_model_forwards_pretrained_file(tmp_path, no_network):
     from omegaconf import OmegaConf
 
-    from medlite.pipeline import build_model
+    from medlite.build import build_model
 
     src = _randomised("lcnet_050")
     path = _save(src, tmp_path / "w.safetensors", "safetensors")

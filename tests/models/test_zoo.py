@@ -1,5 +1,5 @@
 """Every model config (``conf/model/*.yaml``, found by glob: configs added later are included)
-composes, builds through ``medlite.pipeline.build_model`` and trains: a batch of 2 in train mode
+composes, builds through ``medlite.build.build_model`` and trains: a batch of 2 in train mode
 gives finite ``(2, num_classes)`` logits and every trainable parameter a finite gradient.
 
 Inputs go through the run's own preprocessing (the datamodule's ``Preprocess``), so a config with a
@@ -26,9 +26,9 @@ import torch
 from omegaconf import OmegaConf
 
 from medlite import config as config_checks
+from medlite.build import build_datamodule, build_model
 from medlite.models import count_parameters, get_entry
 from medlite.models.registry import PARADIGMS
-from medlite.pipeline import build_datamodule, build_model
 from tests.helpers import CONF_DIR, make_cfg
 
 MODEL_DIR = CONF_DIR / "model"

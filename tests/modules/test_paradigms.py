@@ -15,9 +15,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from medlite.compress.base import LossTerm
-from medlite.data.tasks import BINARY, MULTICLASS, MULTILABEL, Task
 from medlite.errors import ConfigError
-from medlite.metrics import compute_metrics
 from medlite.modules import (
     CNNModule,
     LinearComplexityModule,
@@ -26,12 +24,14 @@ from medlite.modules import (
     module_class,
 )
 from medlite.modules.base import lr_factor
+from medlite.tasks import BINARY, MULTICLASS, MULTILABEL, ClassificationTask, Task
+from medlite.tasks.classification_metrics import compute_metrics
 from tests.helpers import make_cfg
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # the composed default (adamw's lr interpolates the model's recommendation)
 ADAMW = OmegaConf.to_container(make_cfg(Path("unused"), ["optim=adamw"]).optim, resolve=True)
-BINARY_TASK = Task(BINARY, ("neg", "pos"))
+BINARY_TASK = ClassificationTask(BINARY, ("neg", "pos"))
 
 
 def _conf(group: str, name: str) -> dict:
@@ -352,7 +352,7 @@ class _LogitPenalty(LossTerm):
 def test_loss_term_added_to_training_loss():
     torch.manual_seed(0)
     model = nn.Linear(6, 3)
-    task = Task(MULTICLASS, ("a", "b", "c"))
+    task = ClassificationTask(MULTICLASS, ("a", "b", "c"))
     module = _module(CNNModule, model, task=task, loss_terms=[_LogitPenalty()], label_smoothing=0.1)
     logged = {}
 
@@ -380,7 +380,7 @@ def test_loss_term_added_to_training_loss():
 
 def test_multilabel_training_loss():
     model = nn.Linear(4, 3)
-    task = Task(MULTILABEL, ("p", "q", "r"))
+    task = ClassificationTask(MULTILABEL, ("p", "q", "r"))
     module = _module(CNNModule, model, task=task)
     x, y = torch.randn(4, 4), torch.tensor([[1, 0, 1], [0, 0, 1], [1, 1, 0], [0, 1, 0]])
     want = torch.nn.functional.binary_cross_entropy_with_logits(model(x), y.float())
@@ -391,8 +391,14 @@ def test_multilabel_training_loss():
     ("task", "make_y"),
     [
         (BINARY_TASK, lambda g, n: torch.randint(0, 2, (n, 1), generator=g)),
-        (Task(MULTICLASS, ("a", "b", "c")), lambda g, n: torch.randint(0, 3, (n, 1), generator=g)),
-        (Task(MULTILABEL, ("a", "b", "c")), lambda g, n: torch.randint(0, 2, (n, 3), generator=g)),
+        (
+            ClassificationTask(MULTICLASS, ("a", "b", "c")),
+            lambda g, n: torch.randint(0, 3, (n, 1), generator=g),
+        ),
+        (
+            ClassificationTask(MULTILABEL, ("a", "b", "c")),
+            lambda g, n: torch.randint(0, 2, (n, 3), generator=g),
+        ),
     ],
     ids=["binary", "multiclass", "multilabel"],
 )

@@ -1,5 +1,6 @@
 """Sweep aggregation on a real multirun: per-job records, mean ± std over seeds, tables, the
-Pareto plot, budget selection, and the command line (scripts/aggregate.py)."""
+Pareto plot, budget selection, and the command line (scripts/aggregate.py). The metrics come from
+the runs' task records: a hand-made task with other metrics (Dice, IoU) aggregates the same way."""
 
 from __future__ import annotations
 
@@ -24,9 +25,25 @@ from medlite.sweeps.aggregate import (
     plot_pareto,
     select,
     summarise,
+    sweep_metrics,
+    valid_keys,
     write_tables,
 )
+from medlite.tasks import BINARY, MULTICLASS, ClassificationTask
 from tests.helpers import subprocess_env
+
+BINARY_TASK = ClassificationTask(BINARY, ("benign", "malignant")).record()
+#: a task of another kind, named only here: what aggregation must handle without knowing it
+DICE_TASK = {
+    "kind": "segmentation",
+    "type": "binary-segmentation",
+    "labels": ["background", "lesion"],
+    "metrics": ["dice", "iou", "hd95"],
+    "titles": {"dice": "Dice", "iou": "IoU", "hd95": "HD95"},
+    "headline": ["dice", "iou"],
+    "monitor": "val/dice",
+    "mode": "max",
+}
 
 REPO = Path(__file__).resolve().parents[2]
 JOBS = [
@@ -95,8 +112,11 @@ def test_collect_one_record_per_job(sweep: Path) -> None:
             "cnn",
             "none",
         )
+        assert res["data"]["name"] == "synthlesion"  # grouped by the data name
         assert (rec["data"], rec["size"], rec["seed"]) == ("synthlesion", 28, res["seed"])
-        assert rec["test_auc"] == res["test"]["auc"] and rec["test_acc"] == res["test"]["acc"]
+        assert rec["task"] == res["task"]
+        for metric in res["task"]["metrics"]:  # one column per metric of the run's task
+            assert rec[f"test_{metric}"] == res["test"][metric]
         assert rec["params"] == res["efficiency"]["params"] > 0
         assert rec["latency_ms"] == res["efficiency"]["latency_ms"] > 0
         assert Path(rec["run_dir"]) == sweep / rec["job"]
@@ -111,9 +131,12 @@ def test_summary_mean_and_sample_std_over_seeds(sweep: Path) -> None:
         ("mobilenetv3", 2, 0, [0, 1]),
     ]
     raw = _raw(sweep)
+    task = next(iter(raw.values()))["task"]
+    metrics = sweep_metrics(summary)
+    assert metrics.names == tuple(task["metrics"]) and metrics.primary == task["headline"][0]
     for group in summary:
         runs = [r for r in raw.values() if r["model"]["name"] == group["model"]]
-        for metric in ("auc", "acc", "sensitivity", "specificity"):
+        for metric in task["metrics"]:
             values = np.array([r["test"][metric] for r in runs], dtype=float)
             assert group[f"test_{metric}"] == pytest.approx(values.mean())
             assert group[f"test_{metric}_std"] == pytest.approx(values.std(ddof=1), abs=1e-12)
@@ -141,6 +164,9 @@ def test_tables_have_one_row_per_job_and_per_group(sweep: Path, tmp_path: Path) 
     assert float(groups[0]["test_auc"]) == pytest.approx(summary[0]["test_auc"])
     md = paths["summary.md"].read_text()
     assert "## cnn" in md and "| Pareto |" in md
+    task = records[0]["task"]
+    header = " | ".join(f"test {task['titles'][m]}" for m in task["metrics"])
+    assert f"| failed | {header} | params |" in md  # columns titled by the task record
     for g in summary:
         cell = f"{g['test_auc']:.3f} ± {g['test_auc_std']:.3f}"
         assert any(
@@ -191,7 +217,8 @@ def test_failed_jobs_are_counted_and_listed(sweep: Path, tmp_path: Path) -> None
     crashed.update(status="failed", seed=2, error="training loss became NaN at step 3\ndetails")
     (tree / "4_litecnn_synthlesion_none_seed2").mkdir()
     (tree / "4_litecnn_synthlesion_none_seed2" / "results.json").write_text(json.dumps(crashed))
-    # failed before training (medlite.cli records a stub): a group with no successful run
+    # failed before training (medlite.cli records a stub, no task): a group with no successful
+    # run; an older stub named its data by flag only
     stub = {
         "status": "failed",
         "error": "compress=prune cannot prune vim (state-space blocks)",
@@ -211,6 +238,7 @@ def test_failed_jobs_are_counted_and_listed(sweep: Path, tmp_path: Path) -> None
     assert lite["test_auc"] == clean["litecnn"]["test_auc"]  # the failure changes no mean
     vim = summary["vim"]
     assert (vim["paradigm"], vim["n"], vim["n_failed"], vim["test_auc"]) == ("linear", 0, 1, None)
+    assert vim["data"] == "synthlesion" and "task" not in vim
     assert not vim["pareto_latency"] and not vim["pareto_params"]
     assert select(list(summary.values()), [])["best"]["model"] != "vim"
 
@@ -248,8 +276,21 @@ def test_pareto_front_dominance_and_ties() -> None:
     assert pareto_front([{"auc": 0.5, "cost": 3}], "auc", "cost") == [0]
 
 
+def test_pareto_front_of_a_metric_better_when_lower() -> None:
+    pts = [{"err": 0.1, "cost": 10}, {"err": 0.3, "cost": 5}, {"err": 0.4, "cost": 7}]
+    assert pareto_front(pts, "err", "cost", higher_is_better=False) == [1, 0]
+    assert pareto_front(pts, "err", "cost") == [1, 2]  # read as a score, 0.4 at 7 wins
+
+
 def test_one_seed_has_no_std_and_seeds_sort_numerically() -> None:
-    base = {"paradigm": "cnn", "model": "m", "compress": "none", "data": "d", "size": 28}
+    base = {
+        "paradigm": "cnn",
+        "model": "m",
+        "compress": "none",
+        "data": "d",
+        "size": 28,
+        "task": BINARY_TASK,
+    }
     records = [
         {**base, "seed": 10, "status": "ok", "test_auc": 0.8},
         {**base, "seed": 2, "status": "ok", "test_auc": 0.6},
@@ -275,6 +316,7 @@ def _group(model: str, auc: float, latency: float, size_mb: float, params: int) 
         "latency_ms": latency,
         "size_mb": size_mb,
         "params": params,
+        "task": BINARY_TASK,
     }
 
 
@@ -316,11 +358,93 @@ def test_bad_constraints_are_config_errors(text: str, match: str) -> None:
 
 
 def test_constraint_parsing() -> None:
-    c = parse_constraint(" auc >= 0.85 ")
+    metrics = sweep_metrics(SUMMARY)
+    c = parse_constraint(" auc >= 0.85 ", metrics)
     assert (c.key, c.op, c.value, str(c)) == ("test_auc", ">=", 0.85, "test_auc>=0.85")
+    assert parse_constraint("test_sensitivity>0.5", metrics).key == "test_sensitivity"
+    with pytest.raises(ConfigError, match="unknown key 'auc'"):
+        parse_constraint("auc>=0.85")  # no metric keys without the sweep's metrics
     assert parse_constraint("params<1.5M").value == 1.5e6
     assert parse_constraint("data==breastmnist").value == "breastmnist"
     assert not math.isnan(parse_constraint("size==28").value)
+
+
+def _dice_records() -> list[dict]:
+    base = {"paradigm": "cnn", "compress": "none", "data": "lesions", "size": 64}
+    rows = []
+    for model, dices, latency, params in (
+        ("unet", (0.80, 0.84), 9.0, 2_000_000),
+        ("tiny", (0.70, 0.72), 1.0, 100_000),
+        ("slowbad", (0.60, 0.62), 20.0, 5_000_000),
+    ):
+        for seed, dice in enumerate(dices):
+            rows.append(
+                {
+                    **base,
+                    "model": model,
+                    "seed": seed,
+                    "status": "ok",
+                    "task": DICE_TASK,
+                    "test_dice": dice,
+                    "test_iou": dice - 0.1,
+                    "test_hd95": 5.0,
+                    "latency_ms": latency,
+                    "params": params,
+                    "size_mb": params * 4 / 2**20,
+                }
+            )
+    return rows
+
+
+def test_another_task_aggregates_on_its_own_metrics(tmp_path: Path) -> None:
+    """No metric name is built in: a task with Dice/IoU gets its columns, fronts and keys."""
+    records = _dice_records()
+    metrics = sweep_metrics(records)
+    assert (metrics.kind, metrics.primary, metrics.headline) == (
+        "segmentation",
+        "dice",
+        ("dice", "iou"),
+    )
+    summary = {g["model"]: g for g in summarise(records)}
+    assert summary["unet"]["test_dice"] == pytest.approx(0.82)
+    assert summary["unet"]["test_dice_std"] == pytest.approx(np.std([0.80, 0.84], ddof=1))
+    assert "test_auc" not in summary["unet"]
+    assert summary["unet"]["pareto_latency"] and summary["tiny"]["pareto_latency"]
+    assert not summary["slowbad"]["pareto_latency"] and not summary["slowbad"]["pareto_params"]
+    assert "dice" in valid_keys(metrics) and "auc" not in valid_keys(metrics)
+    rows = list(summary.values())
+    assert select(rows, [])["best"]["model"] == "unet"
+    assert select(rows, ["dice>=0.7", "latency<5"])["best"]["model"] == "tiny"
+    with pytest.raises(ConfigError, match="unknown key 'auc'.*dice"):
+        select(rows, ["auc>=0.5"])
+    paths = write_tables(rows, tmp_path, records)
+    md = paths["summary.md"].read_text()
+    assert "| test Dice | test IoU | test HD95 |" in md and "test-Dice-vs-latency" in md
+    with paths["summary.csv"].open() as f:
+        header = next(csv.reader(f))
+    assert {"test_dice", "test_dice_std", "test_iou", "test_hd95"} <= set(header)
+    assert not any("auc" in col for col in header)
+    assert plot_pareto(rows, tmp_path / "pareto.png").stat().st_size > 10_000
+
+
+def test_a_sweep_holds_one_task_kind() -> None:
+    mixed = [*_dice_records(), {**_dice_records()[0], "model": "cls", "task": BINARY_TASK}]
+    with pytest.raises(ConfigError, match="2 kinds of task.*classification, segmentation"):
+        summarise(mixed)
+
+
+def test_metrics_of_different_task_types_are_united() -> None:
+    """Binary and multi-class datasets in one sweep: every metric of either gets a column."""
+    multiclass = ClassificationTask(MULTICLASS, ("a", "b", "c")).record()
+    base = {"paradigm": "cnn", "model": "m", "compress": "none", "size": 28, "status": "ok"}
+    records = [
+        {**base, "data": "bin", "seed": 0, "task": BINARY_TASK, "test_auc": 0.9},
+        {**base, "data": "multi", "seed": 0, "task": multiclass, "test_auc": 0.8},
+    ]
+    metrics = sweep_metrics(records)
+    assert set(BINARY_TASK["metrics"]) | set(multiclass["metrics"]) == set(metrics.names)
+    groups = {g["data"]: g for g in summarise(records)}
+    assert groups["multi"]["test_sensitivity"] is None and groups["bin"]["test_auc"] == 0.9
 
 
 # --------------------------------------------------------------------------- command line

@@ -18,7 +18,9 @@ from hydra.core.utils import JobReturn, JobStatus
 from omegaconf import OmegaConf
 
 from medlite.errors import ConfigError
+from medlite.results import lookup
 from medlite.sweeps.optuna import (
+    OPTIMIZED_VALUE,
     Objective,
     OptunaSweeper,
     distribution,
@@ -65,9 +67,28 @@ def test_objectives_read_finite_numbers_from_results():
     assert Objective("efficiency/macs").read(results) == 1e7
     assert Objective("val/loss").read(results) is None  # NaN: not a result
     assert Objective("test/auc").read(results) is None
-    assert parse_objectives(None, "val/acc") == [Objective("val/acc", "maximize")]
     with pytest.raises(ConfigError, match="direction"):
-        parse_objectives([{"metric": "val/auc", "direction": "up"}], "val/auc")
+        parse_objectives([{"metric": "val/auc", "direction": "up"}])
+    with pytest.raises(ConfigError, match="path in results.json"):
+        parse_objectives([{"metric": "auc"}])
+
+
+def test_the_default_objective_is_what_each_run_optimised():
+    """null objectives: maximise ``optimized/value``, the value of the run's optimized_metric
+    (its task's monitored metric by default), whatever that metric is called."""
+    assert parse_objectives(None) == [Objective(OPTIMIZED_VALUE, "maximize")]
+    results = {
+        "val": {"dice": 0.7},
+        "optimized": {"metric": "val/dice", "mode": "max", "value": 0.7},
+    }
+    (default,) = parse_objectives(None)
+    assert default.read(results) == 0.7 and default.conflict(results) is None
+    lower = {"optimized": {"metric": "val/hd95", "mode": "min", "value": 4.0}}
+    assert "mode min" in default.conflict(lower) and "direction: minimize" in default.conflict(
+        lower
+    )
+    assert Objective(OPTIMIZED_VALUE, "minimize").conflict(lower) is None
+    assert Objective("val/hd95", "maximize").conflict(lower) is None  # an explicit path: as asked
 
 
 def _job(tmp_path: Path, name: str, results: dict | None, status=JobStatus.COMPLETED) -> JobReturn:
@@ -83,14 +104,19 @@ def _job(tmp_path: Path, name: str, results: dict | None, status=JobStatus.COMPL
     return job
 
 
+def _optimized(value: float, mode: str = "max") -> dict:
+    return {"metric": "val/score", "mode": mode, "value": value}
+
+
 def test_failed_nan_and_missing_trials_are_told_as_failed(tmp_path):
     study = optuna.create_study(direction="maximize")
-    objectives = [Objective("val/auc")]
+    objectives = parse_objectives(None)
     outcomes = {
-        "ok": {"status": "ok", "val": {"auc": 0.75}},
-        "nan": {"status": "ok", "val": {"auc": float("nan")}},
+        "ok": {"status": "ok", "optimized": _optimized(0.75)},
+        "nan": {"status": "ok", "optimized": _optimized(float("nan"))},
         "refused": {"status": "failed", "error": "ConfigError: cannot prune\nmore"},
         "no_results": None,
+        "minimised": {"status": "ok", "optimized": _optimized(0.1, "min")},
     }
     for name, results in outcomes.items():
         trial = study.ask({"x": od.FloatDistribution(0, 1)})
@@ -99,12 +125,14 @@ def test_failed_nan_and_missing_trials_are_told_as_failed(tmp_path):
     OptunaSweeper._tell(study, trial, _job(tmp_path, "crash", None, JobStatus.FAILED), objectives)
 
     states = [t.state.name for t in study.trials]
-    assert states == ["COMPLETE", "FAIL", "FAIL", "FAIL", "FAIL"]
+    assert states == ["COMPLETE", "FAIL", "FAIL", "FAIL", "FAIL", "FAIL"]
     assert study.best_value == 0.75
     errors = [t.user_attrs.get("error") for t in study.trials]
-    assert "no finite val/auc" in errors[1]
+    assert f"no finite {OPTIMIZED_VALUE}" in errors[1]
     assert errors[2] == "ConfigError: cannot prune"
-    assert "job crashed" in errors[4]
+    # a maximising study can't take a value that is better when lower: failed, and says why
+    assert "val/score" in errors[4] and "mode min" in errors[4]
+    assert "job crashed" in errors[5]
 
 
 @pytest.mark.parametrize(
@@ -118,16 +146,17 @@ def test_search_presets_compose_with_the_medlite_sweeper(preset):
     space, _ = split_search_space(dict(cfg.hydra.sweeper.params), [])
     for key in space:  # every searched key exists in the composed config
         assert OmegaConf.select(cfg, key, default="<missing>") != "<missing>", key
-    for objective in parse_objectives(cfg.hydra.sweeper.objectives, cfg.optimized_metric):
-        assert objective.metric.split("/")[0] in ("val", "efficiency"), "never tune on test"
+    assert cfg.optimized_metric is None  # the task's monitored (validation) metric
+    for objective in parse_objectives(cfg.hydra.sweeper.objectives):
+        assert objective.metric.split("/")[0] in ("optimized", "efficiency"), "never tune on test"
 
 
 def _pareto_front(points: dict[int, tuple[float, float]]) -> set[int]:
-    """Trials not dominated (AUC up, MACs down), computed here independently of Optuna."""
+    """Trials not dominated (score up, MACs down), computed here independently of Optuna."""
     front = set()
-    for i, (auc, macs) in points.items():
+    for i, (score, macs) in points.items():
         dominated = any(
-            a >= auc and m <= macs and (a > auc or m < macs)
+            a >= score and m <= macs and (a > score or m < macs)
             for j, (a, m) in points.items()
             if j != i
         )
@@ -187,13 +216,17 @@ def test_a_real_search_records_failures_and_finds_the_pareto_front(prune_search)
             # the values Optuna proposed are the ones the job trained with
             step = res["config"]["compress"]["steps"][0]
             assert math.isclose(step["ratio"], float(row["compress.steps.0.ratio"]))
-            assert float(row["val/auc"]) == pytest.approx(res["val"]["auc"])
+            # the default objective: the value of the task's monitored validation metric
+            assert res["optimized"]["metric"] == res["task"]["monitor"]
+            assert res["optimized"]["mode"] == "max"
+            assert float(row[OPTIMIZED_VALUE]) == pytest.approx(res["optimized"]["value"])
+            assert res["optimized"]["value"] == lookup(res, res["task"]["monitor"])
             assert float(row["efficiency/macs"]) == res["efficiency"]["macs"]
     assert set(models.values()) == {"litecnn", "efficientvit_m"}, "seed gives no failed trial"
 
     best = after_first["best"]
     done = {
-        int(r["trial"]): (float(r["val/auc"]), float(r["efficiency/macs"]))
+        int(r["trial"]): (float(r[OPTIMIZED_VALUE]), float(r["efficiency/macs"]))
         for r in rows
         if r["state"] == "COMPLETE"
     }

@@ -1,10 +1,12 @@
-"""Read one medical image file into a uint8 MedMNIST-style array for local inference.
+"""Read one medical image file into a uint8 array: for training and for local inference alike.
 
-``predict.py`` feeds what :func:`read_image` returns through the training preprocessing
-(:class:`medlite.data.transforms.Preprocess`), which takes uint8 ``(H, W)`` grayscale or
-``(H, W, 3)`` RGB arrays. Every problem a user can fix (an unsupported, corrupt or 3D file, a
-colour image for a grayscale model) raises :class:`InputError` naming the file, what is wrong and
-what to do; library errors are chained, never shown as a raw traceback.
+A folder source reads its images with :func:`read_image`, and ``predict.py`` reads the files it
+is given with the same function, so a file that trains is a file that predicts. Both feed the
+result through the training preprocessing (:class:`medlite.data.transforms.Preprocess`), which
+takes uint8 ``(H, W)`` grayscale or ``(H, W, 3)`` RGB arrays. Every problem a user can fix (an
+unsupported, corrupt or 3D file, a colour image for a grayscale model) raises :class:`InputError`
+naming the file, what is wrong and what to do; library errors are chained, never shown as a raw
+traceback.
 
 Intensity rules (the same for every format):
 
@@ -45,7 +47,7 @@ _RGB_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
 
 
 class InputError(DataError):
-    """An input image for inference cannot be used; the message names the file and the fix."""
+    """An image file cannot be used; the message names the file and the fix."""
 
 
 # ---------------------------------------------------------------------------------- dispatch
@@ -76,7 +78,8 @@ def _may_be_bare_dicom(path: Path) -> bool:
     return path.name != "DICOMDIR" and (not suffix or suffix[1:].isdigit())
 
 
-def _supported(path: Path) -> bool:
+def is_supported(path: Path) -> bool:
+    """Whether :func:`read_image` would try this file (by suffix, or the DICOM marker)."""
     return bool(_suffix(path)) or (_may_be_bare_dicom(path) and _has_dicom_magic(path))
 
 
@@ -408,7 +411,7 @@ def list_inputs(path: str | os.PathLike) -> list[Path]:
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         for name in files:
             file = Path(root) / name
-            if not name.startswith(".") and file.is_file() and _supported(file):
+            if not name.startswith(".") and file.is_file() and is_supported(file):
                 found.append(file)
     if not found:
         raise InputError(

@@ -1,4 +1,4 @@
-"""``python -m medlite.models`` prints the taxonomy table from the real model configs."""
+"""``python -m medlite.taxonomy`` prints the taxonomy table from the real model configs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_taxonomy_table_lists_models_with_costs(tmp_path: Path) -> None:
@@ -16,7 +16,7 @@ def test_taxonomy_table_lists_models_with_costs(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "medlite.models",
+            "medlite.taxonomy",
             "--models",
             "litecnn,resnet18",
             "--repeats",

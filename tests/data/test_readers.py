@@ -15,14 +15,14 @@ from pydicom.uid import (
     JPEGLSLossless,
 )
 
-from medlite.data.transforms import Preprocess
-from medlite.deploy.readers import (
+from medlite.data.readers import (
     SUPPORTED_SUFFIXES,
     InputError,
     conform_channels,
     list_inputs,
     read_image,
 )
+from medlite.data.transforms import Preprocess
 from medlite.errors import DataError
 from tests.helpers import write_dicom
 

@@ -1,4 +1,4 @@
-"""``python -m medlite.models``: the taxonomy table of every model config.
+"""``python -m medlite.taxonomy``: the taxonomy table of every model config.
 
 For each ``conf/model/*.yaml``: paradigm, parameters, MACs and CPU latency (batch 1) at the
 input size its size policy gives for 28 px and 224 px data. Numbers come from
@@ -18,9 +18,10 @@ from hydra import compose, initialize_config_dir
 from rich.console import Console
 from rich.table import Table
 
+from medlite.build import build_model
 from medlite.efficiency import profile_model
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 ORDER = {"cnn": 0, "transformer": 1, "linear": 2}
 
 
@@ -45,8 +46,6 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-
-    from medlite.pipeline import build_model
 
     rows = []
     for cfg in model_configs(args.models.split(",") if args.models else None):

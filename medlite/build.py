@@ -1,0 +1,116 @@
+"""Config -> objects: the data source and datamodule, the model, the distillation teacher.
+
+Every layer may import this module (it imports none of the pipeline, training or compression
+code), so export, ``predict.py``, the teacher and the taxonomy table build things exactly as a
+training run does.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from medlite.data import synthetic
+from medlite.data.datamodule import DataModule
+from medlite.data.sources import DataSource
+from medlite.errors import ConfigError
+from medlite.models import create_model
+from medlite.models.adapters import TeacherInput
+
+#: the data config keys the datamodule (not the source) reads
+DATAMODULE_KEYS = (
+    "as_rgb",
+    "fit",
+    "mean",
+    "std",
+    "augment",
+    "batch_size",
+    "eval_batch_size",
+    "num_workers",
+)
+#: constructor arguments a source may declare that come from ``paths``, not from ``data``
+PATH_ARGS = {"data_dir": "data_dir", "cache_dir": "cache_dir"}
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
+def source_target(data: DictConfig) -> str:
+    """The source class a data config names; configs saved before sources existed name none,
+    and are MedMNIST or synthetic by their flag."""
+    target = data.get("_target_")
+    if target:
+        return str(target)
+    flag = data.get("flag")
+    if flag is None:
+        raise ConfigError("the data config names no source (_target_); choose data=<option>")
+    if synthetic.is_synthetic(flag):
+        return "medlite.data.sources.synthetic.SyntheticSource"
+    return "medlite.data.sources.medmnist.MedMNISTSource"
+
+
+def build_source(cfg: DictConfig) -> DataSource:
+    """``cfg.data`` -> its source: the class named by ``_target_``, given the keys its
+    constructor declares (``data_dir``/``cache_dir`` come from ``cfg.paths``)."""
+    target = source_target(cfg.data)
+    try:
+        cls = hydra.utils.get_class(target)
+    except Exception as err:  # noqa: BLE001 - Hydra raises several types for a bad path
+        raise ConfigError(f"data._target_={target}: no such class ({err})") from None
+    if not (inspect.isclass(cls) and issubclass(cls, DataSource)):
+        raise ConfigError(f"data._target_={target} is not a medlite data source (DataSource)")
+    kwargs = {}
+    for name, param in inspect.signature(cls).parameters.items():
+        if name in PATH_ARGS:
+            kwargs[name] = str(cfg.paths[PATH_ARGS[name]])
+        elif name in cfg.data:
+            kwargs[name] = _plain(cfg.data[name])
+        elif param.default is inspect.Parameter.empty:
+            raise ConfigError(f"data.{name} is required by {cls.__name__} but not set")
+    return cls(**kwargs)
+
+
+def build_datamodule(cfg: DictConfig) -> DataModule:
+    """The datamodule of a run: its source plus preprocessing and loading settings."""
+    d = cfg.data
+    settings = {k: _plain(d.get(k)) for k in DATAMODULE_KEYS if d.get(k) is not None}
+    return DataModule(build_source(cfg), input_size=cfg.model.input_size, **settings)
+
+
+def build_model(
+    model_cfg: DictConfig, num_classes: int, in_chans: int, img_size: int
+) -> torch.nn.Module:
+    """A model (or teacher) config -> nn.Module."""
+    kwargs = _plain(model_cfg.kwargs) if model_cfg.get("kwargs") else {}
+    return create_model(
+        model_cfg.arch,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        img_size=img_size,
+        pretrained=model_cfg.pretrained,
+        pretrained_file=model_cfg.get("pretrained_file"),
+        **kwargs,
+    )
+
+
+def build_teacher(cfg: DictConfig, datamodule: DataModule) -> torch.nn.Module:
+    """The ``teacher`` config's network, adapted to the student's input (size, normalisation)."""
+    t = cfg.teacher
+    student_size = datamodule.preprocess.input_size
+    net = build_model(
+        t, datamodule.task.num_outputs, datamodule.in_chans, t.input_size or student_size
+    )
+    norm = (list(t.mean), list(t.std)) if t.get("mean") and t.get("std") else None
+    return TeacherInput(
+        net,
+        size=t.input_size if t.input_size and t.input_size != student_size else None,
+        student_norm=(
+            datamodule.preprocess.mean.flatten().tolist(),
+            datamodule.preprocess.std.flatten().tolist(),
+        ),
+        teacher_norm=norm,
+    )

@@ -1,0 +1,39 @@
+"""Wrappers that let a network take another network's input."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class TeacherInput(nn.Module):
+    """Adapts the student's input batch to what the teacher was trained on: size and normalisation."""
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        size: int | None = None,
+        student_norm: tuple[list[float], list[float]] | None = None,
+        teacher_norm: tuple[list[float], list[float]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.teacher, self.size = teacher, size
+        self.renorm = None
+        if student_norm and teacher_norm and student_norm != teacher_norm:
+            (ms, ss), (mt, st) = student_norm, teacher_norm
+            # x_t = (x_s * s_s + m_s - m_t) / s_t = x_s * a + b
+            a = [s / t for s, t in zip(ss, st, strict=True)]
+            b = [(m - n) / t for m, n, t in zip(ms, mt, st, strict=True)]
+            self.renorm = (
+                torch.tensor(a).view(1, -1, 1, 1),
+                torch.tensor(b).view(1, -1, 1, 1),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.renorm is not None:
+            a, b = (t.to(x.device, x.dtype) for t in self.renorm)
+            x = x * a + b
+        if self.size and x.shape[-1] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return self.teacher(x)
