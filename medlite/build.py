@@ -81,6 +81,20 @@ def build_datamodule(cfg: DictConfig) -> DataModule:
     return DataModule(build_source(cfg), input_size=cfg.model.input_size, **settings)
 
 
+def check_model_task(model_cfg: DictConfig, task, role: str = "model") -> None:
+    """A classifier can't segment and a segmentation network can't classify: say so before any
+    training (a model config declares ``task``; classification when it doesn't)."""
+    kind = model_cfg.get("task") or "classification"
+    if kind != task.kind:
+        examples = {"classification": "litecnn, resnet18", "segmentation": "unet, egeunet"}
+        raise ConfigError(
+            f"{role}={model_cfg.name} is a {kind} model, but this dataset's task is "
+            f"{task.kind} ({task.type}); choose a {task.kind} {role}, e.g. "
+            f"{role}={examples.get(task.kind, '...').split(', ')[0]} "
+            f"({examples.get(task.kind, '')})"
+        )
+
+
 def build_model(
     model_cfg: DictConfig, num_classes: int, in_chans: int, img_size: int
 ) -> torch.nn.Module:

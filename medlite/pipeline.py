@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medlite import config as config_checks
 from medlite import ddp
-from medlite.build import build_datamodule, build_model
+from medlite.build import build_datamodule, build_model, check_model_task
 from medlite.compress import RunContext, build_steps
 from medlite.compress.recipe import check_recipe, run_recipe
 from medlite.compress.teacher import obtain_teacher, plan_teacher
@@ -67,6 +67,7 @@ def run(cfg: DictConfig) -> float:
         dm = build_datamodule(cfg)
         dm.setup()  # fails now, not mid-training, on a missing or corrupt file
         task = dm.task
+        check_model_task(cfg.model, task)
         optimized_metric = config_checks.optimized_metric(cfg, task)
         class_weights = loss_class_weights(cfg, dm)
         in_chans, img_size = dm.in_chans, dm.preprocess.input_size

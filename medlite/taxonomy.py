@@ -1,7 +1,8 @@
-"""``python -m medlite.taxonomy``: the taxonomy table of every model config.
+"""``python -m medlite.taxonomy``: the taxonomy tables of every model config.
 
 For each ``conf/model/*.yaml``: paradigm, parameters, MACs and CPU latency (batch 1) at the
-input size its size policy gives for 28 px and 224 px data. Numbers come from
+input size its size policy gives for 28 px and 224 px data (classification models), or at 64 and
+256 px (segmentation networks, one table of their own). Numbers come from
 :func:`medlite.efficiency.profile_model`, the same function that fills ``results.json``.
 """
 
@@ -38,6 +39,9 @@ def main() -> None:
     )
     parser.add_argument("--models", help="comma-separated config names (default: all)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[28, 224], help="data sizes (px)")
+    parser.add_argument(
+        "--seg-sizes", type=int, nargs="+", default=[64, 256], help="segmentation sizes (px)"
+    )
     parser.add_argument("--in-chans", type=int, default=1)
     parser.add_argument("--num-classes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
@@ -49,8 +53,10 @@ def main() -> None:
 
     rows = []
     for cfg in model_configs(args.models.split(",") if args.models else None):
-        row = {"name": cfg.name, "arch": cfg.arch, "paradigm": cfg.paradigm}
-        for size in args.sizes:
+        task = cfg.get("task") or "classification"
+        sizes = args.seg_sizes if task == "segmentation" else args.sizes
+        row = {"name": cfg.name, "arch": cfg.arch, "paradigm": cfg.paradigm, "task": task}
+        for size in sizes:
             side = cfg.input_size or size
             torch.manual_seed(0)
             model = build_model(cfg, args.num_classes, args.in_chans, side)
@@ -72,28 +78,37 @@ def main() -> None:
             )
         rows.append(row)
 
-    table = Table(
-        title=f"medlite model taxonomy (CPU, batch 1, {args.threads or torch.get_num_threads()} threads)"
-    )
+    console = Console()
+    console = console if console.is_terminal else Console(width=200)
+    threads = args.threads or torch.get_num_threads()
+    for task, sizes in (("classification", args.sizes), ("segmentation", args.seg_sizes)):
+        chosen = [r for r in rows if r["task"] == task]
+        if chosen:
+            console.print(
+                _table(chosen, sizes, f"medlite {task} models (CPU, batch 1, {threads} threads)")
+            )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+def _table(rows: list[dict], sizes: list[int], title: str) -> Table:
+    table = Table(title=title)
     for col in ["model", "paradigm", "arch", "params (M)"]:
         table.add_column(col)
-    for size in args.sizes:
+    for size in sizes:
         table.add_column(f"input @{size}", justify="right")
         table.add_column(f"MMACs @{size}", justify="right")
         table.add_column(f"ms @{size}", justify="right")
     for r in rows:
-        cells = [r["name"], r["paradigm"], r["arch"], f"{r['params'] / 1e6:.2f}"]
-        for size in args.sizes:
+        cells = [r["name"], r["paradigm"], r["arch"], f"{r['params'] / 1e6:.3f}"]
+        for size in sizes:
             cells += [
                 str(r[f"input@{size}"]),
                 f"{r[f'macs_m@{size}']:.1f}",
                 f"{r[f'latency_ms@{size}']:.2f}",
             ]
         table.add_row(*cells)
-    console = Console()
-    (console if console.is_terminal else Console(width=200)).print(table)
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    return table
 
 
 if __name__ == "__main__":

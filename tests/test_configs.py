@@ -45,10 +45,14 @@ def test_every_group_has_options() -> None:
 def test_option_composes_and_instantiates(group: str, option: str, tmp_path) -> None:
     override = f"{group}={option}"
     cfg = make_cfg(tmp_path, [override])
+    node = cfg.teacher if group == "teacher" else cfg.model
+    if group in ("model", "teacher") and node.get("task") == "segmentation":
+        cfg = make_cfg(tmp_path, ["data=synthseg", override])  # on a dataset of its task
     needs = {  # options that are bases, or need the user's own setting
         "base": "no dataset chosen",
         "medmnist": "data.flag",
         "folder": "data.root",
+        "folder_seg": "data.root",
     }
     if group == "data" and option in needs:
         with pytest.raises(ConfigError, match=needs[option]):
@@ -63,7 +67,8 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path) -> 
         size = node.input_size or cfg.data.size
         model = build_model(node, dm.task.num_outputs, dm.in_chans, size)
         out = model(torch.zeros(2, dm.in_chans, size, size))
-        assert out.shape == (2, dm.task.num_outputs)
+        spatial = (size, size) if dm.task.kind == "segmentation" else ()
+        assert out.shape == (2, dm.task.num_outputs, *spatial)
     if group == "optim":
         opt = hydra.utils.get_class(cfg.optim._target_)(
             [torch.nn.Parameter(torch.zeros(1))],

@@ -18,7 +18,7 @@ def test_taxonomy_table_lists_models_with_costs(tmp_path: Path) -> None:
             "-m",
             "medlite.taxonomy",
             "--models",
-            "litecnn,resnet18",
+            "litecnn,resnet18,unet",
             "--repeats",
             "2",
             "--json",
@@ -37,3 +37,8 @@ def test_taxonomy_table_lists_models_with_costs(tmp_path: Path) -> None:
     assert rows["litecnn"]["macs_m@224"] < 8 * rows["litecnn"]["macs_m@28"]
     # ResNet-18 keeps its stem: MACs scale with the pixel count
     assert rows["resnet18"]["macs_m@224"] > 40 * rows["resnet18"]["macs_m@28"]
+    # segmentation networks get their own table, at segmentation sizes: a U-Net's cost grows
+    # with the pixel count (16x from 64 to 256 px)
+    assert "segmentation models" in proc.stdout
+    assert rows["unet"]["task"] == "segmentation" and "macs_m@28" not in rows["unet"]
+    assert 15 < rows["unet"]["macs_m@256"] / rows["unet"]["macs_m@64"] < 17

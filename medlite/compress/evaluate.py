@@ -28,7 +28,7 @@ def predict_scores(
             for x, y in loader:
                 logits = model(x)
                 labels.append(y)
-                scores.append(task.scores(logits.float()))
+                scores.append(task.eval_outputs(logits.float()))
     finally:
         if isinstance(model, nn.Module):
             model.train(was_training)

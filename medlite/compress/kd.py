@@ -1,11 +1,14 @@
 """Knowledge distillation: a frozen teacher's outputs (and features) as extra training targets.
 
 ``kind: kd`` trains the model with ``w_ce`` x task loss + ``w_kd`` x logit distillation (Hinton:
-temperature-softened teacher probabilities; per-label sigmoids for multi-label tasks) and, when
-``features`` is given, feature distillation between named layers (FitNet with a learned 1x1
-adapter, or attention transfer). The teacher is ``teacher: config`` (the run's ``teacher`` group,
-loaded from ``teacher.ckpt_path`` or trained first) or ``teacher: base`` (the trained model as it
-was before compression, e.g. the unpruned network in prune -> KD -> int8).
+temperature-softened teacher probabilities; per-label sigmoids for multi-label tasks; for
+segmentation, per pixel over the class dimension of (N, K, H, W) maps, averaged over pixels) and,
+when ``features`` is given, feature distillation between named layers (FitNet with a learned 1x1
+adapter, or attention transfer). ``auto`` layers: a classifier's last spatial feature map, a
+segmentation network's bottleneck (see :func:`auto_feature_layer`). The teacher is
+``teacher: config`` (the run's ``teacher`` group, loaded from ``teacher.ckpt_path`` or trained
+first) or ``teacher: base`` (the trained model as it was before compression, e.g. the unpruned
+network in prune -> KD -> int8).
 
 The teacher is held outside the student's module tree: it is not in checkpoints, not in the
 optimiser, not switched to train mode by Lightning and never wrapped by DDP.
@@ -72,23 +75,43 @@ class LogitDistillation(LossTerm):
 
     def forward(self, module, x, logits, targets) -> torch.Tensor:
         t_logits = self.runner(x)
+        if t_logits.ndim == 4 and t_logits.shape[-2:] != logits.shape[-2:]:
+            # a teacher at another resolution: its logit maps resampled to the student's
+            t_logits = F.interpolate(
+                t_logits, size=logits.shape[-2:], mode="bilinear", align_corners=False
+            )
         return self.weight * distillation_loss(
-            logits.float(), t_logits, self.temperature, self.task.multilabel
+            logits.float(), t_logits, self.temperature, getattr(self.task, "multilabel", False)
         )
 
 
 def distillation_loss(
     student: torch.Tensor, teacher: torch.Tensor, temperature: float, multilabel: bool
 ) -> torch.Tensor:
-    """KL(teacher || student) of softened softmaxes, or per-label soft BCE for multi-label tasks."""
+    """KL(teacher || student) of softened softmaxes over the class dimension (dim 1), or
+    per-label soft BCE for multi-label tasks; T^2-scaled.
+
+    Logits (N, K) give the batch mean of the per-image KL; dense logits (N, K, H, W) (a
+    segmentation network's maps) give the mean over every pixel of every image of the per-pixel
+    KL between the K-class distributions.
+    """
     t = temperature
     if multilabel:
         soft = torch.sigmoid(teacher / t)
         return F.binary_cross_entropy_with_logits(student / t, soft) * t * t
+    if student.shape != teacher.shape:
+        raise ValueError(
+            f"student logits {tuple(student.shape)} and teacher logits {tuple(teacher.shape)} "
+            "differ in shape"
+        )
+    k = student.shape[1]
+    # (N, K, *spatial) -> (N * pixels, K): one distribution per row, batchmean = mean per pixel
+    s = student.movedim(1, -1).reshape(-1, k)
+    q = teacher.movedim(1, -1).reshape(-1, k)
     return (
         F.kl_div(
-            F.log_softmax(student / t, dim=-1),
-            F.log_softmax(teacher / t, dim=-1),
+            F.log_softmax(s / t, dim=-1),
+            F.log_softmax(q / t, dim=-1),
             log_target=True,
             reduction="batchmean",
         )
@@ -130,15 +153,26 @@ def find_module(model: nn.Module, name: str, role: str) -> nn.Module:
 
 
 def auto_feature_layer(model: nn.Module, example: torch.Tensor) -> str:
-    """The last module whose output is a spatial map (4-D, larger than 1x1 when there is one):
-    the model's final feature map before pooling, found by running one batch."""
-    seen: list[tuple[str, tuple[int, ...]]] = []
+    """The layer ``auto`` stands for, found by running one batch through ``model``.
+
+    A classifier (output (N, K)): the last module whose output is a spatial map (4-D, larger
+    than 1x1 when there is one), i.e. the final feature map before pooling. A dense-prediction
+    network (output (N, K, H, W), e.g. a segmentation U-Net): its bottleneck, the widest whole
+    block at the smallest spatial size (larger than 1x1), since the last spatial maps of such a
+    network are its logits (MONAI's U-Net: the deepest stage concatenated with its skip, as the
+    decoder receives it; EGE-UNet: the last encoder stage). A ConfigError names candidate
+    layers when there is no such layer.
+    """
+    seen: list[tuple[str, tuple[int, ...], bool]] = []
+    outputs: list[torch.Tensor] = []
+
+    def keep(name: str, out) -> None:
+        if isinstance(out, torch.Tensor):
+            seen.append((name, tuple(out.shape), False))
+            outputs.append(out)
+
     hooks = [
-        m.register_forward_hook(
-            lambda mod, inp, out, name=name: (
-                seen.append((name, tuple(out.shape))) if isinstance(out, torch.Tensor) else None
-            )
-        )
+        m.register_forward_hook(lambda mod, inp, out, name=name: keep(name, out))
         for name, m in model.named_modules()
         if name
     ]
@@ -146,12 +180,24 @@ def auto_feature_layer(model: nn.Module, example: torch.Tensor) -> str:
     try:
         model.eval()
         with torch.no_grad():
-            model(example)
+            final = model(example)
     finally:
         model.train(was_training)
         for h in hooks:
             h.remove()
-    maps = [(n, s) for n, s in seen if len(s) == 4]
+    dense = (
+        isinstance(final, torch.Tensor)
+        and final.ndim == 4
+        and final.shape[-2:] == example.shape[-2:]
+    )
+    if dense:
+        # modules that return the logits themselves (the head, the outer containers) are not
+        # features
+        seen = [(n, s, out is final) for (n, s, _), out in zip(seen, outputs, strict=True)]
+        outputs.clear()
+        return _bottleneck(model, seen, tuple(final.shape[-2:]))
+    outputs.clear()
+    maps = [(n, s) for n, s, _ in seen if len(s) == 4]
     wide = [(n, s) for n, s in maps if s[2] * s[3] > 1]
     pick = (wide or maps)[-1:] if maps else []
     if not pick:
@@ -160,6 +206,39 @@ def auto_feature_layer(model: nn.Module, example: torch.Tensor) -> str:
             "name the layers explicitly (features[i].student / .teacher)"
         )
     return pick[0][0]
+
+
+def _bottleneck(
+    model: nn.Module, seen: list[tuple[str, tuple[int, ...], bool]], out_hw: tuple[int, int]
+) -> str:
+    """A dense-prediction network's bottleneck: of the modules whose output has the smallest
+    spatial size (> 1x1), the outermost ones (not inside another such module), the widest
+    (most channels; the last to finish of equally wide ones). Side paths at that size (masks,
+    skip bridges, the decoder's first reduction) are narrower than the deepest features. Only
+    (N, C, H, W) maps with the output's aspect ratio count: channels-last (N, H, W, C) blocks
+    (VMamba-style) would read as maps W wide and C high."""
+    out_h, out_w = out_hw
+    maps = [
+        (n, s)
+        for n, s, is_output in seen
+        if len(s) == 4 and not is_output and s[2] * out_w == s[3] * out_h
+    ]
+    wide = [(n, s) for n, s in maps if s[2] * s[3] > 1]
+    smallest = min((s[2] * s[3] for _, s in wide), default=None)
+    if smallest is None or smallest >= out_hw[0] * out_hw[1]:
+        shown = ", ".join(dict.fromkeys(n for n, _ in maps[-8:])) or "(none)"
+        raise ConfigError(
+            f"kd features: {type(model).__name__} predicts a dense map but no layer works at a "
+            "lower resolution than its output (no encoder or bottleneck to distil), so `auto` "
+            "can't pick a feature layer; name the layers explicitly (features[i].student / "
+            f".teacher), e.g. one of: {shown}"
+        )
+    deepest = [(n, s) for n, s in wide if s[2] * s[3] == smallest]
+    at_bottom = {n for n, _ in deepest}
+    # whole blocks, not their inner layers: drop modules inside another one at that size
+    outer = [(n, s) for n, s in deepest if not any(n.startswith(f"{a}.") for a in at_bottom)]
+    widest = max(s[1] for _, s in outer)
+    return [n for n, s in outer if s[1] == widest][-1]
 
 
 class _Capture:

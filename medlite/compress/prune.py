@@ -5,10 +5,12 @@ Structured pruning removes whole channels with Torch-Pruning, so the network rea
 smaller and faster on any runtime: the step builds the dependency graph of the model (which
 layers must lose the same channels: residual adds, depthwise convs, concatenations), ranks each
 group of coupled channels by the L2 norm of its weights and removes the weakest, over a few
-iterations with a short recovery fine-tune in between. The classifier keeps its outputs, and
-attention-like token mixers (softmax/linear attention, selective scans, WKV) are left alone:
-Torch-Pruning's index bookkeeping does not follow their head splits, flips and shifts, and
-pruning them gives shape errors or silently wrong models. Which ones were kept is logged and
+iterations with a short recovery fine-tune in between. The classifier (a segmentation
+network's final conv: one output map per class) keeps its outputs, and every layer coupled to it;
+a U-Net's skip-concatenations lose the same channels on both sides. Attention-like token
+mixers (softmax/linear attention, selective scans, WKV) are left alone: Torch-Pruning's index
+bookkeeping does not follow their head splits, flips and shifts, and pruning them gives shape
+errors or silently wrong models. Which ones were kept is logged and
 reported.
 
 Unstructured pruning zeroes the smallest weights of all conv/linear layers (one global
@@ -59,7 +61,9 @@ ATTENTION_LIKE = re.compile(
 PARTIAL_MIXERS = {"GatedConvBlock": ("fc1", "conv")}
 #: Blocks Torch-Pruning 1.6 fails on though they hold only convs and BatchNorms (an IndexError in
 #: its importance): FastViT's re-parameterisable MobileOne blocks. Kept whole, FastViT prunes.
-KEEP_WHOLE = {"MobileOneBlock"}
+#: UNeXt's shifted MLP (tokens -> map -> shift -> tokens) gives the same IndexError; kept whole,
+#: UNeXt's conv stages and patch embeddings prune.
+KEEP_WHOLE = {"MobileOneBlock", "ShiftedMLP"}
 #: Model classes Torch-Pruning 1.6 can't analyse (measured: its graph build raises, or is still in
 #: its index-mapping loop after 2 minutes): fail at once, before training, not after timeout_s.
 KNOWN_UNSUPPORTED = {
@@ -67,6 +71,8 @@ KNOWN_UNSUPPORTED = {
     "VRWKV": "Torch-Pruning's dependency analysis does not finish on it",
     "EfficientViM": "Torch-Pruning's dependency analysis does not finish on it",
     "EfficientVitMsra": "Torch-Pruning's dependency analysis does not finish on it",
+    "UltraLightVMUNet": "Torch-Pruning mis-indexes its parallel vision-Mamba layers (IndexError), "
+    "and with them kept whole no channel group is left to prune",
 }
 _SCAN_MAX_RATIO = 0.9  # the most a target_speedup search prunes from any layer
 _SCAN_STEPS = 45  # ratio resolution of that search: 0.02
@@ -116,7 +122,10 @@ def called_modules(model: nn.Module, example: torch.Tensor) -> list[str]:
 def classifier_names(model: nn.Module, order: Sequence[str], num_outputs: int) -> list[str]:
     """The layers that produce the logits: timm's ``get_classifier()`` (all heads of distilled
     models), a ``classifier``/``head`` attribute, and the last conv/linear layer that runs when it
-    has ``num_outputs`` outputs."""
+    has ``num_outputs`` outputs: a classifier's Linear, or a segmentation network's final conv
+    (its 1x1 or 3x3 head, one output channel per class). Keeping them whole keeps the output
+    channels; Torch-Pruning then also leaves every layer coupled to them alone (e.g. MONAI's
+    U-Net adds the last transposed conv's output to its head's through a residual)."""
     modules = dict(model.named_modules())
     found: list[str] = []
     getter = getattr(model, "get_classifier", None)
@@ -268,8 +277,23 @@ def recover(
     return sum(losses) / len(losses)
 
 
-def check_outputs(model: nn.Module, example: torch.Tensor, num_outputs: int, what: str) -> None:
-    """The model still maps a batch to finite logits of shape (batch, num_outputs)."""
+def output_shape(model: nn.Module, example: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the model's logits for ``example`` (eval mode, no gradients): (N, K) for a
+    classifier, (N, K, H, W) for a segmentation network. Pruning must not change it."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return tuple(model(example).shape)
+    finally:
+        model.train(was_training)
+
+
+def check_outputs(
+    model: nn.Module, example: torch.Tensor, expected: tuple[int, ...], what: str
+) -> None:
+    """The model still maps a batch to finite logits of the ``expected`` shape (the unpruned
+    model's: (batch, classes), or (batch, classes, H, W) for segmentation)."""
     was_training = model.training
     model.eval()
     try:
@@ -282,11 +306,11 @@ def check_outputs(model: nn.Module, example: torch.Tensor, num_outputs: int, wha
         ) from err
     finally:
         model.train(was_training)
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(example), num_outputs):
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != tuple(expected):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(
-            f"{what}: the pruned model returns {shape} instead of ({len(example)}, "
-            f"{num_outputs}); {_ALTERNATIVES}"
+            f"{what}: the pruned model returns {shape} instead of {tuple(expected)}; "
+            f"{_ALTERNATIVES}"
         )
     if not torch.isfinite(out).all():
         raise ConfigError(f"{what}: the pruned model returns non-finite logits; {_ALTERNATIVES}")
@@ -326,6 +350,55 @@ def _patterns(what: str, ignore: Any) -> tuple[str, ...]:
             f"{what}: ignore must be a list of module names or class names (globs allowed), "
             f"got {ignore!r}"
         ) from None
+
+
+def _customized_pruners(tp: Any, model: nn.Module, example: torch.Tensor) -> dict:
+    """Torch-Pruning handlers medlite replaces: a channel-counting one for single-parameter PReLU.
+
+    Torch-Pruning 1.6 reports no channel count for ``nn.PReLU(num_parameters=1)`` (it is
+    channel-agnostic) and, while sizing a concatenation's inputs, follows the reshape of the
+    PReLU weight instead; the dependency graph build then fails on MONAI's U-Net, where a
+    PReLU'd residual unit feeds every decoder skip-concatenation. This handler gives the width
+    the PReLU sees (measured on ``example``) and keeps it in step as channels are removed.
+    """
+    widths: dict[nn.Module, int] = {}
+    prelus = [m for m in model.modules() if isinstance(m, nn.PReLU) and m.num_parameters == 1]
+    if not prelus:
+        return {}
+
+    def record(module: nn.Module, _inputs: Any, output: Any) -> None:
+        if isinstance(output, torch.Tensor) and output.ndim in (2, 4):  # (N, C) or (N, C, H, W)
+            widths[module] = int(output.shape[1])
+
+    handles = [m.register_forward_hook(record) for m in prelus]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+    class SharedPReLUPruner(tp.pruner.function.PReLUPruner):
+        def prune_out_channels(self, layer: nn.PReLU, idxs: Sequence[int]) -> nn.Module:
+            if layer.num_parameters == 1:
+                if layer in widths:
+                    widths[layer] -= len(idxs)
+                return layer
+            return super().prune_out_channels(layer, idxs)
+
+        prune_in_channels = prune_out_channels
+
+        def get_out_channels(self, layer: nn.PReLU) -> int | None:
+            if layer.num_parameters == 1:
+                return widths.get(layer)
+            return layer.num_parameters
+
+        get_in_channels = get_out_channels
+
+    return {nn.PReLU: SharedPReLUPruner()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -445,6 +518,7 @@ class StructuredPruneStep(CompressionStep):
                 ignored_layers=[modules[n] for n in keep],
                 round_to=self.round_to,
                 global_pruning=self.global_pruning,
+                customized_pruners=_customized_pruners(tp, model, example),
             ),
             what,
             "building the dependency graph",
@@ -539,6 +613,7 @@ class StructuredPruneStep(CompressionStep):
         model.eval()
         order = called_modules(model, example)
         heads = classifier_names(model, order, num_outputs)
+        expected = output_shape(model, example)
         kept = modules_to_keep(model, self.ignore)
         attention = [f"{n} ({c})" for n, c, why in kept if why == "attention"]
         others = [f"{n} ({c}: {why})" for n, c, why in kept if why != "attention"]
@@ -579,7 +654,7 @@ class StructuredPruneStep(CompressionStep):
             model.eval()
             self._run_tp(pruner.step, what, f"pruning (iteration {i})")
             model.zero_grad(set_to_none=True)
-            check_outputs(model, example, num_outputs, what)
+            check_outputs(model, example, expected, what)
             entry = {
                 "iteration": i,
                 "ratio": round(pruner.per_step_pruning_ratio[i], 4),
@@ -743,6 +818,7 @@ class UnstructuredPruneStep(CompressionStep):
         heads = (
             set() if self.include_classifier else set(classifier_names(model, order, num_outputs))
         )
+        expected = output_shape(model, example)
         modules = dict(model.named_modules())
         skipped = [n for n in modules if n in heads or (n and _matches(n, modules[n], self.ignore))]
 
@@ -785,7 +861,7 @@ class UnstructuredPruneStep(CompressionStep):
                 if not any(isinstance(h, _DetachWeight) for h in m._forward_hooks.values()):
                     m.register_forward_hook(_DetachWeight("weight"))
                 _DetachWeight("weight")(m)
-            check_outputs(model, example, num_outputs, what)
+            check_outputs(model, example, expected, what)
             entry = {"iteration": i, "target_sparsity": round(target, 4)}
             if i < self.iterative_steps and self.recover_batches:
                 entry["recover_loss"] = recover(model, ctx, self.recover_batches, lr, what=what)

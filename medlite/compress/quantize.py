@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,17 +94,33 @@ def _ort_quiet() -> Iterator[None]:
         root.setLevel(level)
 
 
+@contextlib.contextmanager
+def _cwd(path: str) -> Iterator[None]:
+    """Run in ``path`` as the working directory (``contextlib.chdir`` before Python 3.11)."""
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
 def _preprocess(src: Path, dst: Path) -> str:
     """ORT's recommended pre-processing (shape inference, graph optimisation) -> ``dst``.
 
     ``value_info`` from the dynamo exporter breaks ORT's shape inference, so it is dropped first.
     Falls back to ONNX-only shape inference, then to no pre-processing; returns what was done.
     Each attempt reads the file afresh: a failed attempt can leave an in-memory model rewritten
-    to point at external data in a deleted temporary folder.
+    to point at external data in a deleted temporary folder. ORT runs in a scratch working
+    directory: when its symbolic shape inference is incomplete it dumps the model
+    (``sym_shape_infer_temp.onnx`` and uuid-named ``.data`` files) into the current directory.
     """
+    import tempfile
+
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    src, dst = Path(src).resolve(), Path(dst).resolve()
     proto = onnx.load(str(src))
     del proto.graph.value_info[:]
     stripped = dst.with_name(dst.stem + "_in.onnx")
@@ -112,7 +129,7 @@ def _preprocess(src: Path, dst: Path) -> str:
     try:
         for mode, kwargs in attempts:
             try:
-                with _ort_quiet():
+                with _ort_quiet(), tempfile.TemporaryDirectory() as scratch, _cwd(scratch):
                     quant_pre_process(str(stripped), str(dst), **kwargs)
                 return mode
             except Exception as err:  # noqa: BLE001  (the next, lighter attempt may work)
@@ -142,8 +159,17 @@ def _calibration_reader(batches: list[torch.Tensor], input_name: str):
     return _Reader()
 
 
-def classifier_name(model: nn.Module) -> str | None:
-    """Qualified name of the final nn.Linear (timm's ``get_classifier()``, else the last Linear)."""
+def classifier_name(model: nn.Module, example: torch.Tensor | None = None) -> str | None:
+    """Qualified name of the layer that produces the logits.
+
+    A classifier's final nn.Linear (timm's ``get_classifier()``, else the last Linear). A
+    dense-prediction network (its output for ``example`` is an (N, K, H, W) map, e.g. a
+    segmentation U-Net) has a conv head instead: the last Conv2d / Linear its forward pass runs.
+    """
+    if example is not None:
+        head = _dense_head(model, example)
+        if head is not None:
+            return head
     names = {id(m): n for n, m in model.named_modules()}
     head = None
     if hasattr(model, "get_classifier"):
@@ -156,6 +182,28 @@ def classifier_name(model: nn.Module) -> str | None:
             return ".".join(p for p in (base, linears[-1]) if p)
     last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     return last[-1] if last else None
+
+
+def _dense_head(model: nn.Module, example: torch.Tensor) -> str | None:
+    """The last plain Conv2d / Linear run by a model whose output is a per-pixel map (else None)."""
+    order: list[str] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out, name=name: order.append(name))
+        for name, m in model.named_modules()
+        if name and type(m) in (nn.Conv2d, nn.Linear)
+    ]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            out = model(example)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    if isinstance(out, torch.Tensor) and out.ndim == 4 and order:
+        return order[-1]
+    return None
 
 
 def _nodes_reading(onnx_path: Path, initializers: set[str]) -> list[str]:
@@ -239,11 +287,14 @@ class _OrtInt8Step(CompressionStep):
                 "low-rank, distillation)"
             ) from None
 
-    def _excluded_nodes(self, model: nn.Module, onnx_path: Path) -> list[str]:
-        """ONNX nodes of the classifier when it stays fp32 (``quantize_classifier: false``)."""
+    def _excluded_nodes(
+        self, model: nn.Module, onnx_path: Path, example: torch.Tensor | None = None
+    ) -> list[str]:
+        """ONNX nodes of the classifier (a segmentation network's conv head) when it stays fp32
+        (``quantize_classifier: false``)."""
         if self.quantize_classifier:
             return []
-        name = classifier_name(model)
+        name = classifier_name(model, example)
         nodes = _nodes_reading(onnx_path, {f"{name}.weight"}) if name else []
         if not nodes:
             log.warning(
@@ -277,7 +328,7 @@ class _OrtInt8Step(CompressionStep):
         int8_path.unlink(missing_ok=True)
         try:
             preprocess = _preprocess(fp32_path, pre_path)
-            exclude = self._excluded_nodes(model, pre_path)
+            exclude = self._excluded_nodes(model, pre_path, batches[0][:1])
             with _ort_quiet():
                 self._quantize(pre_path, int8_path, batches, exclude)
         except (TrainingError, ConfigError):
@@ -487,7 +538,9 @@ class DynamicQuantization(_OrtInt8Step):
     Only ``op_types`` (MatMul: Linear layers on token sequences) are converted; ORT has no dynamic
     int8 Gemm or fast int8 conv, so a CNN gains nothing (it was slower than fp32): a warning says
     so when under half of the model's MACs are in nn.Linear. ``MatMulConstBOnly`` keeps
-    attention's activation x activation products fp32.
+    attention's activation x activation products fp32. A model without any nn.Linear (a fully
+    convolutional segmentation network) has no MatMul at all: ``Conv`` is then added to the op
+    types (ConvInteger), with a warning, so the step still produces an int8 model.
     """
 
     conversion = "dynamic"
@@ -539,7 +592,24 @@ class DynamicQuantization(_OrtInt8Step):
         arch = _arch(ctx, model)
         fraction = linear_mac_fraction(model.cpu(), ctx.example_input(1))
         self.report["linear_mac_fraction"] = round(fraction, 4)
-        if fraction < self.min_linear_fraction:
+        has_linear = any(isinstance(m, nn.Linear) for m in model.modules())
+        if not has_linear and "Conv" not in self.op_types:
+            # a fully convolutional network (e.g. a segmentation U-Net) has no MatMul to convert:
+            # without Conv, ORT would quantise nothing and the step would fail
+            self.op_types = [*self.op_types, "Conv"]
+            self.report["settings"]["op_types"] = list(self.op_types)
+            self.report["op_types_note"] = (
+                "the model has no nn.Linear (no MatMul to convert): Conv added to op_types "
+                "(ConvInteger, dynamic int8 convs)"
+            )
+            log.warning(
+                "dynamic: model %s has no nn.Linear layer, so there is no MatMul to convert; "
+                "converting its convs too (op_types %s). Dynamic int8 convs are usually slower "
+                "than fp32 on CPU: compress=ptq is the int8 recipe for conv networks",
+                arch,
+                self.op_types,
+            )
+        elif fraction < self.min_linear_fraction:
             log.warning(
                 "dynamic: model %s spends only %.0f%% of its conv/linear MACs in nn.Linear; "
                 "dynamic int8 converts only MatMul weights, so it will not speed this model up "
@@ -738,7 +808,8 @@ class QuantizationAwareTraining(_StaticInt8):
 
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         self._arch = arch = _arch(ctx, model)
-        skip = () if self.quantize_classifier else (classifier_name(model) or "",)
+        example = ctx.example_input(1).to(next(model.parameters()).device)
+        skip = () if self.quantize_classifier else (classifier_name(model, example) or "",)
         wrapped = wrap_for_qat(model, skip=skip, momentum=self.observer_momentum, arch=arch)
         if not wrapped:
             raise TrainingError(

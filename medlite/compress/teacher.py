@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from medlite.build import build_teacher
+from medlite.build import build_teacher, check_model_task
 from medlite.checkpoints import load_weights, save_weights
 from medlite.compress.evaluate import evaluate
 from medlite.errors import ConfigError
@@ -73,6 +73,7 @@ def plan_teacher(cfg: DictConfig, datamodule) -> TeacherPlan:
             f"compress={cfg.compress.name} distils from a teacher but no teacher is configured; "
             "choose one, e.g. teacher=resnet18"
         )
+    check_model_task(t, datamodule.task, role="teacher")
     if t.get("ckpt_path"):
         path = Path(str(t.ckpt_path)).expanduser()
         if not path.is_file():

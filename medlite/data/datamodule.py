@@ -17,6 +17,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision import tv_tensors
 
 from medlite.data.sources.base import SPLITS, DataSource, Split
 from medlite.data.transforms import Preprocess, build_augment
@@ -47,6 +48,32 @@ class ArrayDataset(Dataset):
             return self.preprocess(self.images[i]), self.labels[i]
         x = self.augment(self.preprocess.prepare(self.images[i]))
         return self.preprocess.normalize(x), self.labels[i]
+
+
+class MaskDataset(Dataset):
+    """(image, mask) pairs for segmentation: the mask follows every geometric step of its image
+    (fit to size with nearest-neighbour sampling, the same random flip/affine)."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        masks: np.ndarray,
+        preprocess: Preprocess,
+        augment: Callable | None = None,
+    ) -> None:
+        self.images, self.masks = images, masks
+        self.preprocess, self.augment = preprocess, augment
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.preprocess.prepare(self.images[i])
+        m = self.preprocess.mask(self.masks[i])
+        if self.augment is not None:
+            x, m = self.augment(tv_tensors.Image(x), tv_tensors.Mask(m))
+            x, m = x.as_subclass(torch.Tensor), m.as_subclass(torch.Tensor)
+        return self.preprocess.normalize(x), m
 
 
 class DataModule(pl.LightningDataModule):
@@ -136,12 +163,10 @@ class DataModule(pl.LightningDataModule):
         if self.splits:
             return
         loaded = self.source.load()
-        preprocess = self.preprocess
+        self.preprocess  # noqa: B018 - checks the settings (channels, mean/std) now
         augment = build_augment(self.augment_cfg)
         for split, data in loaded.items():
-            self.splits[split] = ArrayDataset(
-                data.images, data.labels, preprocess, augment if split == "train" else None
-            )
+            self.splits[split] = self._dataset(data, augment if split == "train" else None)
         log.info(
             "%s (%s, %d px): %s",
             self.name,
@@ -177,10 +202,14 @@ class DataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test", False, self.eval_batch_size)
 
+    def _dataset(self, data: Split, augment: Callable | None) -> Dataset:
+        if self.task.kind == "segmentation":
+            return MaskDataset(data.images, data.labels, self.preprocess, augment)
+        return ArrayDataset(data.images, data.labels, self.preprocess, augment)
+
     def calibration_dataloader(self, batch_size: int | None = None) -> DataLoader:
         """Training images without augmentation, in a fixed order (int8 calibration, pruning)."""
-        train = self.splits["train"]
-        plain = ArrayDataset(train.images, train.labels.numpy(), self.preprocess, None)
+        plain = self._dataset(self.source.load()["train"], None)
         return DataLoader(plain, batch_size=batch_size or self.batch_size, shuffle=False)
 
     # ------------------------------------------------------------------ records
@@ -189,17 +218,20 @@ class DataModule(pl.LightningDataModule):
         return class_counts(self.source.load()[split], self.task)
 
     def balance_table(self) -> str:
-        """Per split and class: count and share, as fixed-width text for the console and log."""
+        """Per split and class: count and share (of pixels, for segmentation), as fixed-width
+        text for the console and log."""
         labels = list(self.task.labels)
         width = max(8, *(len(lab) for lab in labels))
         rows = [f"  {'class':<{width}}" + "".join(f"{s:>16}" for s in SPLITS)]
         counts = {s: self.class_counts(s) for s in SPLITS}
-        totals = {s: len(self.source.load()[s]) for s in SPLITS}
+        pixels = self.task.kind == "segmentation"
+        totals = {s: counts[s].sum() if pixels else len(self.source.load()[s]) for s in SPLITS}
         for i, lab in enumerate(labels):
-            cells = "".join(
-                f"{int(counts[s][i]):>9} ({100 * counts[s][i] / max(1, totals[s]):4.1f}%)"
-                for s in SPLITS
-            )
+            share = {s: 100 * counts[s][i] / max(1, totals[s]) for s in SPLITS}
+            if pixels:
+                cells = "".join(f"{share[s]:>12.1f}% px" for s in SPLITS)
+            else:
+                cells = "".join(f"{int(counts[s][i]):>9} ({share[s]:4.1f}%)" for s in SPLITS)
             rows.append(f"  {lab:<{width}}{cells}")
         return "\n".join(rows)
 
@@ -232,8 +264,11 @@ class DataModule(pl.LightningDataModule):
 
 
 def class_counts(split: Split, task: Task) -> np.ndarray:
-    """Examples per class; for multi-label tasks, positives per label."""
+    """Examples per class; for multi-label tasks, positives per label; for segmentation, pixels
+    per class."""
     labels = np.asarray(split.labels)
+    if task.kind == "segmentation":
+        return np.bincount(labels.reshape(-1).astype(np.int64), minlength=task.num_outputs)
     if task.type == MULTILABEL:
         return labels.sum(axis=0).astype(np.int64)
     return np.bincount(labels.reshape(-1).astype(np.int64), minlength=task.num_outputs)

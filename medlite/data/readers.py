@@ -18,6 +18,9 @@ Intensity rules (the same for every format):
 * A DICOM VOI LUT or window maps its output range to 0..255 (values outside the window clip),
   so the image looks as the file's creator meant it to be displayed.
 
+Segmentation masks are read with :func:`read_mask` instead, which keeps the stored values
+(class indices) untouched.
+
 pydicom (>= 3) and nibabel are imported inside the readers that need them.
 """
 
@@ -83,13 +86,8 @@ def is_supported(path: Path) -> bool:
     return bool(_suffix(path)) or (_may_be_bare_dicom(path) and _has_dicom_magic(path))
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read a PNG/JPEG/BMP/TIFF, DICOM or NIfTI file as uint8 ``(H, W)`` or ``(H, W, 3)``.
-
-    The format follows the suffix (see :data:`SUPPORTED_SUFFIXES`); a file with another suffix
-    is read as DICOM when it carries the ``DICM`` marker. See the module docstring for how
-    intensities become uint8, and :func:`_read_nifti` for the NIfTI orientation convention.
-    """
+def _check_file(path: str | os.PathLike) -> Path:
+    """The path, once it is known to be a non-empty, readable file (else InputError)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise InputError(f"{path}: file not found; check the path")
@@ -101,6 +99,17 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise InputError(f"{path}: cannot be read ({err}); check its permissions") from err
     if size == 0:
         raise InputError(f"{path}: the file is empty (0 bytes); re-export or re-copy it")
+    return path
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """Read a PNG/JPEG/BMP/TIFF, DICOM or NIfTI file as uint8 ``(H, W)`` or ``(H, W, 3)``.
+
+    The format follows the suffix (see :data:`SUPPORTED_SUFFIXES`); a file with another suffix
+    is read as DICOM when it carries the ``DICM`` marker. See the module docstring for how
+    intensities become uint8, and :func:`_read_nifti` for the NIfTI orientation convention.
+    """
+    path = _check_file(path)
     suffix = _suffix(path)
     if suffix in PILLOW_SUFFIXES:
         image = _read_pillow(path)
@@ -357,6 +366,153 @@ def _read_nifti(path: Path) -> np.ndarray:
         )
     image = data.reshape(shape[:2]).T
     return image if image.dtype == np.uint8 else _minmax_to_uint8(image, path)
+
+
+# ----------------------------------------------------------------------------------- masks
+#: suffixes whose compression changes pixel values (a mask saved so has values near 0 and 255)
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Read a segmentation mask as its stored integer values, ``(H, W)`` int64.
+
+    Unlike :func:`read_image`, nothing is rescaled: a mask's pixel values are class indices
+    (or 0/255 for a binary mask), and min-max scaling a 16-bit or NIfTI label map would turn
+    class 2 of 0..2 into 255. So: grayscale and palette (``P``: the palette index) PNGs keep
+    their values; 16-bit and integer-valued float images keep theirs; DICOM masks keep their
+    stored values (no Modality LUT, window or MONOCHROME1 inversion); NIfTI masks keep their
+    voxel values in :func:`_read_nifti`'s orientation, so an image and its mask saved the same
+    way line up. An RGB mask whose three channels are equal becomes one channel; a colour JPEG
+    mask is decoded as its luma (JPEG stores a grey mask as luma plus near-neutral chroma noise);
+    other colour masks, non-integer or negative values raise :class:`InputError`. EXIF
+    orientation is applied as for images.
+    """
+    path = _check_file(path)
+    suffix = _suffix(path)
+    if suffix in PILLOW_SUFFIXES:
+        values = _mask_pillow(path)
+    elif suffix in DICOM_SUFFIXES or (suffix == "" and _has_dicom_magic(path)):
+        values = _mask_dicom(path, force=suffix != "")
+    elif suffix in NIFTI_SUFFIXES:
+        values = _mask_nifti(path)
+    else:
+        raise InputError(
+            f"{path}: unsupported file type {path.suffix or '(no suffix)'!r} for a mask; "
+            f"supported: {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    return _integer_mask(values, path)
+
+
+def _mask_pillow(path: Path) -> np.ndarray:
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            if getattr(im, "n_frames", 1) > 1:
+                raise InputError(
+                    f"{path}: has {im.n_frames} pages/frames; a mask is one 2D image, save the "
+                    "page that belongs to the image as its own file"
+                )
+            if im.format == "JPEG" and im.mode == "RGB":
+                im.draft("L", im.size)  # decode the luma only: a grey mask's values, faster
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            mode = im.mode
+            if mode in ("1", "L", "P") or mode.startswith("I") or mode == "F":
+                return np.asarray(im)
+            if mode in ("LA", "La", "PA"):
+                return np.asarray(im)[:, :, 0]  # the value (or palette index); alpha dropped
+            rgb = np.asarray(im if mode == "RGB" else im.convert("RGB"))
+            if _equal_rgb(rgb):
+                return rgb[:, :, 0]
+            if path.name.lower().endswith(LOSSY_SUFFIXES):
+                return np.asarray(im.convert("L"))
+    except InputError:
+        raise
+    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad files
+        raise InputError(
+            f"{path}: not a readable {path.suffix.lstrip('.').upper()} mask "
+            f"({type(err).__name__}: {err}); the file may be corrupt or truncated, re-export it"
+        ) from err
+    raise InputError(
+        f"{path}: is a colour mask (its red, green and blue differ); save masks as single-channel "
+        "images whose values are the class indices (or black/white for one class)"
+    )
+
+
+def _mask_dicom(path: Path, force: bool) -> np.ndarray:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(path, force=force)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        arr = ds.pixel_array
+    except Exception as err:
+        raise InputError(
+            f"{path}: not a readable DICOM mask ({type(err).__name__}: {err}); the file may be "
+            "corrupt, not DICOM, or use a compression pydicom cannot decode here"
+        ) from err
+    if frames > 1 or arr.ndim == 3 and arr.shape[-1] != 3:
+        raise InputError(
+            f"{path}: is a multi-frame DICOM ({arr.shape}); a mask is one 2D image, extract the "
+            "frame that belongs to the image"
+        )
+    if arr.ndim == 3:
+        if not _equal_rgb(arr):
+            raise InputError(f"{path}: is a colour DICOM mask; store class indices in one channel")
+        arr = arr[:, :, 0]
+    return arr
+
+
+def _mask_nifti(path: Path) -> np.ndarray:
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+        shape = tuple(int(s) for s in img.shape)
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:
+        raise InputError(
+            f"{path}: not a readable NIfTI mask ({type(err).__name__}: {err}); the file may be "
+            "corrupt or truncated, re-export it"
+        ) from err
+    if len(shape) < 2 or any(s != 1 for s in shape[2:]):
+        raise InputError(
+            f"{path}: has shape {shape}, a 3D volume; a mask here is one 2D slice (shape (X, Y)) "
+            "matching its 2D image; save that slice on its own"
+        )
+    if data.dtype.names or not (np.issubdtype(data.dtype, np.number) or data.dtype == bool):
+        raise InputError(f"{path}: voxel type {data.dtype} cannot hold class indices")
+    return data.reshape(shape[:2]).T  # the orientation _read_nifti gives its image
+
+
+def _integer_mask(values: np.ndarray, path: Path) -> np.ndarray:
+    """Class values as int64, or InputError for values that cannot be class indices."""
+    a = np.asarray(values)
+    if a.dtype == bool:
+        a = a.astype(np.uint8)
+    if not np.issubdtype(a.dtype, np.integer):
+        a = a.astype(np.float64)
+        if not np.isfinite(a).all():
+            raise InputError(f"{path}: the mask has NaN or infinite values; class indices needed")
+        rounded = np.rint(a)
+        if np.abs(a - rounded).max(initial=0.0) > 1e-3:
+            raise InputError(
+                f"{path}: the mask has fractional values (e.g. {a[a != rounded].flat[0]:g}); a mask "
+                "holds whole class indices (a resampled or probability map is not a mask)"
+            )
+        a = rounded
+    if a.size and a.min() < 0:
+        raise InputError(
+            f"{path}: the mask has negative values ({a.min():g}); class indices are >= 0"
+        )
+    return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def _equal_rgb(rgb: np.ndarray) -> bool:
+    return bool(
+        np.array_equal(rgb[:, :, 0], rgb[:, :, 1]) and np.array_equal(rgb[:, :, 0], rgb[:, :, 2])
+    )
 
 
 # -------------------------------------------------------------------------------- channels

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 from torch.nn import functional as F
+from torchvision import tv_tensors
 
 from medlite.errors import ConfigError
 
@@ -67,6 +68,25 @@ def fit_image(image: np.ndarray, size: int, mode: str) -> np.ndarray:
     return out[0].numpy() if image.ndim == 2 else out.permute(1, 2, 0).contiguous().numpy()
 
 
+def fit_mask(mask: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """A (H, W) integer mask at (size, size) by the geometry of :func:`fit_to_size`, with
+    nearest-neighbour sampling (class indices never blend) and background (0) padding."""
+    h, w = mask.shape[-2:]
+    if h == size and w == size:
+        return mask
+    m = mask.reshape(1, 1, h, w).float()
+    if mode == "pad":
+        if h > size or w > size:
+            scale = size / max(h, w)
+            h, w = max(1, round(h * scale)), max(1, round(w * scale))
+            m = F.interpolate(m, size=(h, w), mode="nearest-exact")
+        top, left = (size - h) // 2, (size - w) // 2
+        m = F.pad(m, (left, size - w - left, top, size - h - top))
+    else:
+        m = F.interpolate(m, size=(size, size), mode="nearest-exact")
+    return m[0, 0].to(mask.dtype)
+
+
 class Preprocess:
     """Deterministic part: to float, channels, input size, normalisation. Picklable for workers.
 
@@ -98,6 +118,13 @@ class Preprocess:
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+    def mask(self, mask: np.ndarray) -> torch.Tensor:
+        """A segmentation mask (H, W) of class indices, fitted like its image: (S, S) long."""
+        m = torch.from_numpy(np.ascontiguousarray(mask)).long()
+        if self.load_size:
+            m = fit_mask(m, self.load_size, self.fit)
+        return fit_mask(m, self.input_size, self.fit)
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         return self.normalize(self.prepare(image))
@@ -138,16 +165,26 @@ def build_augment(cfg: dict | None) -> Callable[[torch.Tensor], torch.Tensor] | 
     return T.Compose(ops) if ops else None
 
 
-class _IntensityJitter(torch.nn.Module):
-    """Brightness/contrast jitter for 1- or 3-channel [0, 1] tensors (ColorJitter needs RGB)."""
+class _IntensityJitter(T.Transform):
+    """Brightness/contrast jitter for 1- or 3-channel [0, 1] images (ColorJitter needs RGB);
+    a segmentation mask passed along is left as it is."""
 
     def __init__(self, brightness: float, contrast: float):
         super().__init__()
         self.brightness, self.contrast = brightness, contrast
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.contrast:
-            x = x * (1 + (torch.rand(()) * 2 - 1) * self.contrast)
-        if self.brightness:
-            x = x + (torch.rand(()) * 2 - 1) * self.brightness
-        return x.clamp_(0.0, 1.0)
+    def make_params(self, flat_inputs: list) -> dict:
+        contrast = (torch.rand(()) * 2 - 1) * self.contrast if self.contrast else None
+        brightness = (torch.rand(()) * 2 - 1) * self.brightness if self.brightness else None
+        return {"contrast": contrast, "brightness": brightness}
+
+    def transform(self, inpt, params: dict):
+        if isinstance(inpt, tv_tensors.Mask):
+            return inpt
+        x = inpt
+        if params["contrast"] is not None:
+            x = x * (1 + params["contrast"])
+        if params["brightness"] is not None:
+            x = x + params["brightness"]
+        x = x.clamp(0.0, 1.0)
+        return tv_tensors.wrap(x, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else x

@@ -52,16 +52,21 @@ class PredictCommand:
     #: auto (int8 ONNX if exported and checked, else fp32 ONNX, else PyTorch), pytorch,
     #: onnx_fp32 or onnx_int8
     runtime: str = "auto"
-    #: also write the predictions to this CSV file
+    #: also write the predictions to this CSV file (segmentation: always written, by default
+    #: to <run>/predictions/predictions.csv; masks and overlays go in the CSV's folder)
     out: str | None = None
     show_traceback: bool = False
 
+
+#: where a segmentation run's predictions go when no ``out=`` is given (inside the run folder)
+PREDICTIONS_DIR, PREDICTIONS_CSV = "predictions", "predictions.csv"
 
 HELP = {
     "run": "run directory written by train.py (holds results.json)",
     "input": "image file (PNG/JPEG/BMP/TIFF, DICOM, 2D NIfTI) or a folder of them",
     "runtime": "auto | pytorch | onnx_fp32 | onnx_int8 (auto: checked int8, else fp32 ONNX, else PyTorch)",
-    "out": "also write the predictions to this CSV file",
+    "out": "also write the predictions to this CSV file (segmentation: always written, default "
+    "<run>/predictions/predictions.csv; masks, overlays and NIfTI masks go next to it)",
     "data_dir": "folder of the MedMNIST file (default: where the run found it, or MEDLITE_DATA_DIR)",
     "show_traceback": "print the full traceback of medlite's errors",
     "formats": "subset of [onnx_fp32,onnx_int8,torch_export]",
@@ -202,6 +207,8 @@ def predict_main(args: PredictCommand, console: Console) -> int:
     from medlite.deploy.predict import Predictor, write_csv
 
     predictor = Predictor(args.run, runtime=args.runtime)
+    if predictor.task.kind == "segmentation":
+        return _segment_main(predictor, args, console)
     rows = predictor.predict(args.input)
     labels = predictor.task.labels
     shown = labels if len(labels) <= 4 else None
@@ -227,6 +234,47 @@ def predict_main(args: PredictCommand, console: Console) -> int:
         console.print(f"[red]{r.path}[/red]: {r.error}", highlight=False)
     if args.out:
         console.print(f"predictions written to {write_csv(rows, labels, args.out)}")
+    console.print(f"{len(rows) - len(failed)} of {len(rows)} file(s) predicted")
+    return 1 if failed else 0
+
+
+def _segment_main(predictor, args: PredictCommand, console: Console) -> int:
+    """Segmentation: masks, overlays (and NIfTI masks) next to the CSV, a table of class areas."""
+    from pathlib import Path
+
+    from medlite.deploy.predict import write_segmentation_csv
+
+    csv_path = (
+        Path(args.out).expanduser()
+        if args.out
+        else predictor.run.path / PREDICTIONS_DIR / PREDICTIONS_CSV
+    )
+    rows = predictor.predict(args.input, out_dir=csv_path.parent)
+    task = predictor.task
+    foreground = list(task.labels[1:])
+    shown = foreground if len(foreground) <= 4 else foreground[:4]
+    table = Table(title=f"{predictor.run.name} via {predictor.runtime} (local, nothing uploaded)")
+    table.add_column("file")
+    table.add_column("classes found")
+    for lab in shown:
+        table.add_column(f"area {lab}", justify="right")
+    table.add_column("mask")
+    for r in rows:
+        if not r.fractions:
+            table.add_row(str(r.path), "[red]error[/red]", *([""] * len(shown)), "")
+            continue
+        table.add_row(
+            str(r.path),
+            "; ".join(r.predicted) or "(none)",
+            *(f"{100 * r.fractions[lab]:.1f}%" for lab in shown),
+            Path(r.files.get("mask", "")).name,
+        )
+    console.print(table)
+    failed = [r for r in rows if not r.ok]
+    for r in failed:
+        console.print(f"[red]{r.path}[/red]: {r.error}", highlight=False)
+    written = write_segmentation_csv(rows, task, csv_path)
+    console.print(f"masks, overlays and {written.name} written to {written.parent}")
     console.print(f"{len(rows) - len(failed)} of {len(rows)} file(s) predicted")
     return 1 if failed else 0
 

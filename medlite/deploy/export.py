@@ -2,9 +2,12 @@
 
 Formats: ONNX fp32, ONNX int8 (ONNX Runtime static QDQ, calibrated on the training split; or
 the int8 file the run's own ptq/qat/dynamic recipe made) and a ``torch.export`` program. Each is
-run over the whole test split next to the PyTorch model: max |logit difference|, agreement of
-predicted labels, and the run's metrics through that runtime. A parity or accuracy check that
-fails raises :class:`ExportError` after ``export.json`` is written, so nothing measured is lost.
+run over the whole test split next to the PyTorch model: max |logit difference| (over every
+logit, every pixel of a segmentation map too), agreement of predicted labels (of pixels, for
+segmentation), and the run's metrics through that runtime (a segmentation run's model card also
+gets a few test images drawn with their masks, ``export/examples.png``). A parity or accuracy
+check that fails raises :class:`ExportError` after ``export.json`` is written, so nothing
+measured is lost.
 """
 
 from __future__ import annotations
@@ -24,7 +27,12 @@ from rich.progress import track
 from torch import nn
 
 from medlite.compress.base import RunContext
-from medlite.deploy.model_card import plot_roc, write_model_card
+from medlite.deploy.model_card import (
+    EXAMPLES_PNG,
+    plot_roc,
+    plot_segmentation_examples,
+    write_model_card,
+)
 from medlite.deploy.onnx import OrtModel, export_onnx, onnx_exporter
 from medlite.deploy.run_dir import TrainedRun
 from medlite.efficiency import count_macs, count_parameters
@@ -34,6 +42,8 @@ from medlite.results import package_versions, write_json
 log = logging.getLogger(__name__)
 
 FORMATS = ("onnx_fp32", "onnx_int8", "torch_export")
+#: test images drawn with their masks for the model card of a segmentation run
+EXAMPLES_N = 4
 FILE_NAMES = {
     "onnx_fp32": "model.onnx",
     "onnx_int8": "model_int8.onnx",
@@ -54,7 +64,7 @@ class ExportSettings:
     #: fp32 formats: max |logit diff| allowed, relative to max(1, largest |logit|)
     fp32_tolerance: float = 1e-3
     #: int8: largest drop of the task's monitored metric, on the test split, against PyTorch
-    #: (classification: AUC, so 0.01 = one AUC point)
+    #: (classification: AUC, segmentation: Dice; 0.01 = one point)
     int8_max_drop: float = 0.01
     #: int8 calibration: training batches (no augmentation) and per-channel weight scales
     calibration_batches: int = 8
@@ -125,14 +135,16 @@ def _int8_by_ptq(
     }
 
 
-def _parity(ref: np.ndarray, got: np.ndarray, task) -> dict:
-    a = task.predictions(_scores(ref, task))
-    b = task.predictions(_scores(got, task))
-    same = (a == b).all(axis=-1) if a.ndim > 1 else a == b  # multi-label: every label agrees
+def _parity(ref: np.ndarray, got: np.ndarray, diff: dict, task) -> dict:
+    """Logit differences (measured batch by batch in :func:`_run_all`) and how often the two
+    runtimes predict the same: per image for classification (every label for multi-label
+    tasks), per pixel for segmentation (the share of pixels given the same class)."""
+    a, b = task.predictions(ref), task.predictions(got)
+    same = (a == b).all(axis=-1) if getattr(task, "multilabel", False) else a == b
     return {
-        "max_abs_diff": float(np.abs(ref - got).max()),
-        "mean_abs_diff": float(np.abs(ref - got).mean()),
-        "label_agreement": float(same.mean()),
+        "max_abs_diff": diff["max_abs_diff"],
+        "mean_abs_diff": diff["mean_abs_diff"],
+        "label_agreement": float(np.mean(same)),
     }
 
 
@@ -152,20 +164,68 @@ def _metric_drop(reference: dict, got: dict, task, settings: ExportSettings) -> 
     }
 
 
-def _scores(logits: np.ndarray, task) -> np.ndarray:
-    return task.scores(torch.from_numpy(logits)).numpy()
-
-
-def _run_all(models: dict[str, nn.Module], dm) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Every model over the test split, batch by batch: (labels, logits per model)."""
-    labels, logits = [], {name: [] for name in models}
+def _run_all(
+    models: dict[str, nn.Module], dm, task
+) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, dict]]:
+    """Every model over the test split, batch by batch (dynamic batch sizes included: the last
+    batch is usually smaller). Returns the labels, what evaluation keeps of each model's outputs
+    (``task.eval_outputs``: probabilities for classification, hard masks for segmentation, so
+    (N, K, H, W) logits of a whole split are never held), and per model its logit difference
+    from PyTorch: ``{"max_abs_diff", "mean_abs_diff", "max_abs_logit"}`` (PyTorch's largest
+    |logit|, which scales the fp32 tolerance)."""
+    labels, outputs = [], {name: [] for name in models}
+    sums = {name: {"max": 0.0, "sum": 0.0, "n": 0} for name in models}
+    largest = 0.0
     loader = dm.test_dataloader()
     with torch.inference_mode():
         for x, y in track(loader, description="test split through each runtime", transient=True):
             labels.append(y.numpy())
+            ref = models["pytorch"](x).float().cpu()
+            largest = max(largest, float(ref.abs().max()))
             for name, m in models.items():
-                logits[name].append(m(x).float().cpu().numpy())
-    return np.concatenate(labels), {k: np.concatenate(v) for k, v in logits.items()}
+                logits = ref if name == "pytorch" else m(x).float().cpu()
+                if logits.shape != ref.shape:
+                    raise ExportError(
+                        f"{name} returns {tuple(logits.shape)} for a batch on which PyTorch "
+                        f"returns {tuple(ref.shape)}"
+                    )
+                diff = (logits - ref).abs()
+                acc = sums[name]
+                acc["max"] = max(acc["max"], float(diff.max()))
+                acc["sum"] += float(diff.double().sum())
+                acc["n"] += diff.numel()
+                outputs[name].append(task.eval_outputs(logits).numpy())
+    diffs = {
+        name: {
+            "max_abs_diff": acc["max"],
+            "mean_abs_diff": acc["sum"] / max(1, acc["n"]),
+            "max_abs_logit": largest,
+        }
+        for name, acc in sums.items()
+    }
+    return np.concatenate(labels), {k: np.concatenate(v) for k, v in outputs.items()}, diffs
+
+
+def _segmentation_examples(
+    dm, labels: np.ndarray, masks: np.ndarray, task, path: Path, n: int = EXAMPLES_N
+) -> Path:
+    """``n`` test images spread evenly over the split, each with the PyTorch model's mask (colour)
+    and the reference mask (white outline), at the model's input size."""
+    test = dm.splits["test"]
+    idx = np.unique(np.linspace(0, len(test) - 1, min(n, len(test))).round().astype(int))
+    mean, std = dm.preprocess.mean, dm.preprocess.std
+    images, truths, preds, titles = [], [], [], []
+    for i in idx:
+        x, _ = test[int(i)]
+        image = (x * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8)
+        image = image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)
+        truth, pred = np.asarray(labels[i]), np.asarray(masks[i])
+        score = task.metrics(truth[None], pred[None])[task.monitor_metric]
+        images.append(image.numpy())
+        truths.append(truth)
+        preds.append(pred)
+        titles.append(f"test #{int(i)}: {task.title(task.monitor_metric)} {score:.2f}")
+    return plot_segmentation_examples(images, truths, preds, task.labels, titles, path)
 
 
 def export_run(
@@ -222,15 +282,15 @@ def export_run(
             entry["size_mb"] = round(path.stat().st_size / 2**20, 4)
         formats[fmt] = entry
 
-    labels, logits = _run_all(runtimes, dm)
-    reference = task.metrics(labels, _scores(logits["pytorch"], task))
+    labels, outputs, diffs = _run_all(runtimes, dm, task)
+    reference = task.metrics(labels, outputs["pytorch"])
     problems = []
     for fmt, entry in formats.items():
         if "error" in entry:
             problems.append(f"{fmt}: {entry['error']}")
             continue
-        entry["test"] = task.metrics(labels, _scores(logits[fmt], task))
-        entry["parity"] = _parity(logits["pytorch"], logits[fmt], task)
+        entry["test"] = task.metrics(labels, outputs[fmt])
+        entry["parity"] = _parity(outputs["pytorch"], outputs[fmt], diffs[fmt], task)
         if fmt == "onnx_int8":
             entry["parity"] |= _metric_drop(reference, entry["test"], task, settings)
             if not entry["parity"]["ok"]:
@@ -243,7 +303,7 @@ def export_run(
                     "or per_channel=true"
                 )
         else:
-            tol = settings.fp32_tolerance * max(1.0, float(np.abs(logits["pytorch"]).max()))
+            tol = settings.fp32_tolerance * max(1.0, diffs["pytorch"]["max_abs_logit"])
             entry["parity"]["tolerance"] = {"max_abs_diff": tol}
             entry["parity"]["ok"] = bool(entry["parity"]["max_abs_diff"] <= tol)
             if not entry["parity"]["ok"]:
@@ -277,13 +337,16 @@ def export_run(
         try:
             shown = ("pytorch", "onnx_int8")
             plot_roc(
-                labels,
-                {k: _scores(v, task) for k, v in logits.items() if k in shown},
-                task,
-                out / "roc.png",
+                labels, {k: v for k, v in outputs.items() if k in shown}, task, out / "roc.png"
             )
         except Exception as err:  # noqa: BLE001 - the numbers matter more than the picture
             log.warning("could not draw the ROC plot: %s", err)
+    elif task.kind == "segmentation":  # a few test images with their masks, for the card
+        (out / EXAMPLES_PNG).unlink(missing_ok=True)
+        try:
+            _segmentation_examples(dm, labels, outputs["pytorch"], task, out / EXAMPLES_PNG)
+        except Exception as err:  # noqa: BLE001 - the numbers matter more than the picture
+            log.warning("could not draw the segmentation examples: %s", err)
     write_json(out / "export.json", record)
     write_model_card(run)
     if problems:

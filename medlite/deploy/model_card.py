@@ -22,6 +22,8 @@ from medlite.tasks import BINARY, task_record
 log = logging.getLogger(__name__)
 
 CARD_JSON, CARD_MD = "model_card.json", "model_card.md"
+#: test images drawn with their masks (segmentation runs), written by the export
+EXAMPLES_PNG = "examples.png"
 #: what the card keeps of the run's task record (its type and labels are listed separately)
 _TASK_KEYS = ("kind", "metrics", "titles", "headline", "monitor", "mode")
 _RUNTIME_LABELS = {
@@ -54,8 +56,9 @@ def intended_use(run: TrainedRun) -> str:
         if data.get("synthetic")
         else ""
     )
+    does = "classifies" if run.task.kind == "classification" else "segments"
     return (
-        f"Research use only. This model classifies {data['size']}x{data['size']} px "
+        f"Research use only. This model {does} {data['size']}x{data['size']} px "
         f"{_dataset(data)} images ({data['task']}: {', '.join(data['labels'])}) and was built to "
         "study efficient models on small hardware. It is not a medical device, it has not been "
         "validated prospectively, and it must not be used to diagnose or to decide treatment."
@@ -95,6 +98,7 @@ def build_card(run: TrainedRun) -> dict:
             "pixel_scaling": "uint8 image / 255, resized (or padded) to input_size, then "
             "(x - mean) / std per channel",
         },
+        **({"output": _output_spec(run)} if run.task.kind == "segmentation" else {}),
         "training_data": {
             "dataset": _dataset(run.data),
             "image_size": run.data["size"],
@@ -143,12 +147,27 @@ def build_card(run: TrainedRun) -> dict:
         card["efficiency"] = {"machine": bench["machine"], "rows": bench["rows"]}
     plots = {
         name: str(run.export_dir / f)
-        for name, f in (("latency", "benchmark.png"), ("roc", "roc.png"))
+        for name, f in (
+            ("latency", "benchmark.png"),
+            ("roc", "roc.png"),
+            ("examples", EXAMPLES_PNG),
+        )
         if (run.export_dir / f).is_file()
     }
     if plots:
         card["plots"] = plots
     return card
+
+
+def _output_spec(run: TrainedRun) -> dict:
+    """What a segmentation model returns, and what ``predict.py`` makes of it."""
+    k, size = run.task.num_outputs, run.input_shape[1]
+    return {
+        "logits": f"(N, {k}, {size}, {size}), one map per class, classes in output order",
+        "prediction": "per pixel, the class with the largest logit (softmax for "
+        "probabilities); predict.py writes it as a class-index mask (0 = "
+        f"{run.task.labels[0]}) at the input file's own size",
+    }
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -180,6 +199,7 @@ def render_markdown(card: dict, base: Path) -> str:
         f"- Tensor: `{tuple(inp['shape'])}` (channels, height, width), float32, batch first",
         f"- Size: {inp['input_size']} px, fit: `{inp['fit']}`; {'RGB' if inp['as_rgb'] else 'grayscale'}",
         f"- Normalisation: mean {inp['mean']}, std {inp['std']} ({inp['pixel_scaling']})",
+        *(f"- Output {k}: {v}" for k, v in (card.get("output") or {}).items()),
         "",
         "## Model and training data",
         "",
@@ -210,11 +230,12 @@ def render_markdown(card: dict, base: Path) -> str:
         )
     if card.get("export"):
         ex = card["export"]
+        agreement = "pixel agreement" if t.get("kind") == "segmentation" else "label agreement"
         lines += [
             "",
             f"## Export parity ({ex['n_test_images']} test images, against PyTorch)",
             "",
-            "| format | file | size MB | max abs logit diff | label agreement | "
+            f"| format | file | size MB | max abs logit diff | {agreement} | "
             f"{metric_title(t, monitored_metric(t))} drop | check |",
             "|---|---|---|---|---|---|---|",
         ]
@@ -256,6 +277,13 @@ def render_markdown(card: dict, base: Path) -> str:
             )
     for name, path in (card.get("plots") or {}).items():
         rel = Path(path).relative_to(base) if Path(path).is_relative_to(base) else Path(path)
+        if name == "examples":
+            lines += [
+                "",
+                "## Examples (test split)",
+                "",
+                "Predicted classes in colour (PyTorch model), reference masks outlined in white.",
+            ]
         lines += ["", f"![{name}]({rel.as_posix()})"]
     v = card.get("versions") or {}
     lines += [
@@ -308,6 +336,43 @@ def plot_roc(labels: np.ndarray, scores: dict[str, np.ndarray], task, path: Path
     ax.set_ylabel("sensitivity")
     ax.legend(fontsize=7, frameon=False, loc="lower right")
     fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_segmentation_examples(
+    images: list[np.ndarray],
+    truths: list[np.ndarray],
+    preds: list[np.ndarray],
+    labels: tuple[str, ...] | list[str],
+    titles: list[str],
+    path: Path,
+) -> Path:
+    """One panel per image: the predicted mask tinted and outlined in each class's colour, the
+    reference mask outlined in white (:func:`medlite.deploy.masks.overlay`), with a legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from medlite.deploy.masks import class_colour, overlay
+
+    n = len(images)
+    fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 2.9), dpi=120, squeeze=False)
+    for ax, image, truth, pred, title in zip(axes[0], images, truths, preds, titles, strict=True):
+        ax.imshow(overlay(image, pred, reference=truth))
+        ax.set_title(title, fontsize=7)
+        ax.axis("off")
+    handles = [
+        Patch(color=np.array(class_colour(i)) / 255, label=f"predicted {lab}")
+        for i, lab in enumerate(labels)
+        if i > 0
+    ]
+    handles.append(Patch(facecolor="white", edgecolor="black", label="reference outline"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return path

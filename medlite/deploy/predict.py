@@ -1,9 +1,17 @@
-"""Local inference: image files in, class probabilities out, on this machine only.
+"""Local inference: image files in, class probabilities (classification) or masks
+(segmentation) out, on this machine only.
 
 Preprocessing is the run's own evaluation transform (:attr:`TrainedRun.preprocess`), so an image
 is resized, channel-matched and normalised exactly as in training. Nothing here opens a network
 connection or logs anywhere but the local console: patient images never leave the machine.
 A file that can't be read becomes an error row; the other files of a folder still run.
+
+A segmentation run writes, per input ``<name>.<ext>``, into the output folder (mirroring the
+input folder's sub-folders): ``<name>_mask.png`` (class indices, the input's size),
+``<name>_overlay.png`` (the image with the predicted classes tinted and outlined) and, for a
+NIfTI or DICOM input, ``<name>_mask.nii.gz`` with the input's geometry; conventions in
+:mod:`medlite.deploy.masks`. :func:`write_segmentation_csv` gives one row per input with the
+share of the image each foreground class covers.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import torch
 from torch import nn
 
 from medlite.data.readers import InputError, conform_channels, list_inputs, read_image
+from medlite.deploy import masks as seg
 from medlite.deploy.export import FILE_NAMES
 from medlite.deploy.onnx import OrtModel
 from medlite.deploy.run_dir import TrainedRun
@@ -37,6 +46,14 @@ class Prediction:
     #: (H, W) or (H, W, C) of the file as read, before resizing to the model's input
     original_shape: tuple[int, ...] | None = None
     error: str | None = None
+    #: segmentation: the class-index mask at the file's (H, W) (None once written to disk)
+    mask: np.ndarray | None = field(default=None, repr=False)
+    #: segmentation: share of the image each foreground class covers
+    fractions: dict[str, float] = field(default_factory=dict)
+    #: segmentation: the files written for this input (``mask``, ``overlay``, ``mask_nifti``)
+    files: dict[str, str] = field(default_factory=dict)
+    #: segmentation, NIfTI/DICOM input: where the NIfTI mask's geometry came from
+    geometry: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -88,8 +105,15 @@ class Predictor:
         image = conform_channels(image, self.run.in_chans, path)
         return self.run.preprocess(np.ascontiguousarray(image)).unsqueeze(0), shape
 
-    def predict_file(self, path: str | Path) -> Prediction:
+    def predict_file(
+        self, path: str | Path, out_dir: str | Path | None = None, name: Path | None = None
+    ) -> Prediction:
+        """One file. Segmentation: with ``out_dir``, the mask, overlay (and NIfTI mask) are
+        written there as ``<name>_mask.png`` ... (``name``: a relative path without suffix,
+        default the file's stem) and the in-memory mask is dropped."""
         path = Path(path)
+        if self.task.kind == "segmentation":
+            return self._segment(path, out_dir, name)
         try:
             x, shape = self.preprocess(path)
         except InputError as err:
@@ -105,16 +129,83 @@ class Predictor:
             original_shape=shape,
         )
 
-    def predict(self, target: str | Path, progress: bool = True) -> list[Prediction]:
-        """A file or a folder (recursively); errors become rows, the rest still runs."""
-        paths = list_inputs(Path(target))
+    def _segment(self, path: Path, out_dir: str | Path | None, name: Path | None) -> Prediction:
+        try:
+            image = read_image(path)
+            shape = tuple(image.shape)
+            x = self.run.preprocess(
+                np.ascontiguousarray(conform_channels(image, self.run.in_chans, path))
+            ).unsqueeze(0)
+        except InputError as err:
+            return Prediction(path=path, error=str(err))
+        with torch.inference_mode():
+            logits = self.model(x).float()
+        if logits.ndim != 4:
+            raise ConfigError(
+                f"the model of {self.run.path} returns {tuple(logits.shape)}, not a per-pixel map "
+                "(N, classes, H, W), though its task is segmentation"
+            )
+        classes = logits.argmax(dim=1)[0].cpu().numpy()
+        mask = seg.restore_size(classes, shape, self.run.preprocess)
+        fractions = self.task.foreground_fraction(mask)
+        pred = Prediction(
+            path=path,
+            predicted=[lab for lab, share in fractions.items() if share > 0],
+            original_shape=shape,
+            mask=mask,
+            fractions=fractions,
+        )
+        if out_dir is not None:
+            try:
+                self._write(pred, image, Path(out_dir), name or Path(seg.stem(path)))
+            except InputError as err:  # the input's geometry can't be read: an error row
+                pred.error = str(err)
+            pred.mask = None
+        return pred
+
+    def _write(self, pred: Prediction, image: np.ndarray, out_dir: Path, name: Path) -> None:
+        """The mask (class indices), the overlay and, for NIfTI/DICOM input, the NIfTI mask."""
+        base = out_dir / name
+        mask_png = seg.save_png(pred.mask, base.with_name(base.name + "_mask.png"))
+        pred.files["mask"] = str(mask_png)
+        overlay_png = base.with_name(base.name + "_overlay.png")
+        pred.files["overlay"] = str(seg.save_png(seg.overlay(image, pred.mask), overlay_png))
+        if seg.is_nifti(pred.path) or seg.is_dicom(pred.path):
+            target = base.with_name(base.name + "_mask.nii.gz")
+            try:
+                pred.geometry = seg.save_nifti_mask(pred.path, pred.mask, target)
+            except Exception as err:  # noqa: BLE001 - a header we can't use is the file's fault
+                raise InputError(
+                    f"{pred.path}: its geometry could not be read for the NIfTI mask "
+                    f"({type(err).__name__}: {err}); the PNG mask and overlay were written"
+                ) from err
+            pred.files["mask_nifti"] = str(target)
+
+    def predict(
+        self, target: str | Path, progress: bool = True, out_dir: str | Path | None = None
+    ) -> list[Prediction]:
+        """A file or a folder (recursively); errors become rows, the rest still runs.
+
+        Segmentation: with ``out_dir``, each file's outputs are written there as it is
+        predicted, in the sub-folders the file has under ``target``
+        (:func:`medlite.deploy.masks.output_names`).
+        """
+        target = Path(target)
+        paths = list_inputs(target)
+        names = seg.output_names(paths, target if target.is_dir() else target.parent)
         if progress and len(paths) > 20:
             from rich.progress import track
 
             paths_iter = track(paths, description="predicting", transient=True)
         else:
             paths_iter = paths
-        return [self.predict_file(p) for p in paths_iter]
+        rows = []
+        for p in paths_iter:
+            if self.task.kind == "segmentation":
+                rows.append(self.predict_file(p, out_dir=out_dir, name=names[p]))
+            else:
+                rows.append(self.predict_file(p))
+        return rows
 
 
 def write_csv(rows: list[Prediction], labels: tuple[str, ...], path: str | Path) -> Path:
@@ -127,4 +218,47 @@ def write_csv(rows: list[Prediction], labels: tuple[str, ...], path: str | Path)
         for r in rows:
             probs = [f"{r.probabilities[lab]:.6f}" if r.ok else "" for lab in labels]
             writer.writerow([str(r.path), ";".join(r.predicted), *probs, r.error or ""])
+    return path
+
+
+def write_segmentation_csv(rows: list[Prediction], task, path: str | Path) -> Path:
+    """One row per file: the foreground classes found, the share of the image each foreground
+    class covers (``fraction(<class>)``, 0..1, at the file's own size), the image size, the
+    files written (mask, overlay, NIfTI mask) and where the NIfTI geometry came from, or the
+    error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    foreground = list(task.labels[1:])
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            [
+                "file",
+                "predicted",
+                *[f"fraction({lab})" for lab in foreground],
+                "height",
+                "width",
+                "mask",
+                "overlay",
+                "mask_nifti",
+                "geometry",
+                "error",
+            ]
+        )
+        for r in rows:
+            ok = bool(r.fractions) and r.original_shape is not None  # predicted (maybe not saved)
+            writer.writerow(
+                [
+                    str(r.path),
+                    ";".join(r.predicted),
+                    *[f"{r.fractions[lab]:.6f}" if ok else "" for lab in foreground],
+                    r.original_shape[0] if ok else "",
+                    r.original_shape[1] if ok else "",
+                    r.files.get("mask", ""),
+                    r.files.get("overlay", ""),
+                    r.files.get("mask_nifti", ""),
+                    r.geometry or "",
+                    r.error or "",
+                ]
+            )
     return path

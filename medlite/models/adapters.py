@@ -8,7 +8,8 @@ from torch.nn import functional as F
 
 
 class TeacherInput(nn.Module):
-    """Adapts the student's input batch to what the teacher was trained on: size and normalisation."""
+    """Adapts the student's input batch to what the teacher was trained on: size and normalisation
+    (a dense teacher's logit maps come back at the student's input size)."""
 
     def __init__(
         self,
@@ -34,6 +35,12 @@ class TeacherInput(nn.Module):
         if self.renorm is not None:
             a, b = (t.to(x.device, x.dtype) for t in self.renorm)
             x = x * a + b
+        hw = x.shape[-2:]
         if self.size and x.shape[-1] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return self.teacher(x)
+        out = self.teacher(x)
+        if out.ndim == 4 and out.shape[-2:] != hw and out.shape[-2:] == x.shape[-2:]:
+            # a dense (segmentation) teacher at another resolution: its logit maps back at the
+            # student's, where the masks, metrics and the student's logits are
+            out = F.interpolate(out, size=hw, mode="bilinear", align_corners=False)
+        return out

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from torch import nn
 
 PARADIGMS = ("cnn", "transformer", "linear")
+#: what a model's output means: one logit per class, or one logit map per class
+TASK_KINDS = ("classification", "segmentation")
 
 
 @dataclass(frozen=True)
@@ -21,23 +23,31 @@ class ModelEntry:
     paradigm: str
     min_size: int  # smallest input side the model handles without adaptation
     description: str
+    task: str = "classification"  # classification (N, K) or segmentation (N, K, H, W) output
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(
-    name: str, *, paradigm: str, min_size: int = 28, description: str = ""
+    name: str,
+    *,
+    paradigm: str,
+    min_size: int = 28,
+    description: str = "",
+    task: str = "classification",
 ) -> Callable:
     """Register ``constructor(num_classes, in_chans, img_size, **kw) -> nn.Module``."""
     if paradigm not in PARADIGMS:
         raise ValueError(f"paradigm must be one of {PARADIGMS}, got {paradigm!r}")
+    if task not in TASK_KINDS:
+        raise ValueError(f"task must be one of {TASK_KINDS}, got {task!r}")
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = ModelEntry(
-            name, fn, paradigm, min_size, description or (fn.__doc__ or "").strip()
+            name, fn, paradigm, min_size, description or (fn.__doc__ or "").strip(), task
         )
         return fn
 

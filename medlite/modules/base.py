@@ -94,7 +94,7 @@ class MedliteModule(pl.LightningModule):
         loss = self.task.loss(logits, self.task.targets(y), class_weights=self.class_weights)
         self._log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
         self._scores[split].append(
-            (y.detach().cpu(), self.task.scores(logits.float()).detach().cpu())
+            (y.detach().cpu(), self.task.eval_outputs(logits.float()).detach().cpu())
         )
 
     def validation_step(self, batch, batch_idx: int) -> None:

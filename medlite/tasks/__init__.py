@@ -10,12 +10,14 @@ from __future__ import annotations
 from medlite.errors import ConfigError
 from medlite.tasks.base import Task, metric_titles
 from medlite.tasks.classification import ClassificationTask
+from medlite.tasks.segmentation import SegmentationTask
 from medlite.tasks.types import (
     BINARY,
     CLASSIFICATION_TYPES,
     MULTICLASS,
     MULTILABEL,
     ORDINAL,
+    SEGMENTATION,
     parse_task_type,
 )
 
@@ -24,7 +26,9 @@ __all__ = [
     "MULTICLASS",
     "MULTILABEL",
     "ORDINAL",
+    "SEGMENTATION",
     "ClassificationTask",
+    "SegmentationTask",
     "Task",
     "get_task",
     "metric_titles",
@@ -37,7 +41,10 @@ def get_task(type: str, labels: tuple[str, ...] | list[str]) -> Task:
     """The task object for a recorded task type and its label names."""
     if type in CLASSIFICATION_TYPES:
         return ClassificationTask(type=type, labels=tuple(str(x) for x in labels))
-    raise ConfigError(f"unknown task type {type!r}; known: {', '.join(CLASSIFICATION_TYPES)}")
+    if type == SEGMENTATION:
+        return SegmentationTask(type=type, labels=tuple(str(x) for x in labels))
+    known = ", ".join((*CLASSIFICATION_TYPES, SEGMENTATION))
+    raise ConfigError(f"unknown task type {type!r}; known: {known}")
 
 
 def task_record(results: dict) -> dict:

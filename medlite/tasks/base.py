@@ -58,6 +58,10 @@ class Task(ABC):
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits -> the probabilities metrics and users see."""
 
+    def eval_outputs(self, logits: torch.Tensor) -> torch.Tensor:
+        """What evaluation keeps of each batch for :meth:`metrics` (default: the scores)."""
+        return self.scores(logits)
+
     @abstractmethod
     def activation(self) -> nn.Module:
         """The output activation appended for deployment (probabilities out)."""

@@ -9,6 +9,8 @@ MULTICLASS = "multi-class"
 MULTILABEL = "multi-label, binary-class"
 ORDINAL = "ordinal-regression"
 CLASSIFICATION_TYPES = (BINARY, MULTICLASS, MULTILABEL, ORDINAL)
+#: per-pixel classes (binary lesion-vs-background or several classes), background first
+SEGMENTATION = "segmentation"
 
 #: what ``data.task=...`` accepts, mapped to the recorded type
 ALIASES = {
@@ -21,6 +23,7 @@ ALIASES = {
     "multi-label, binary-class": MULTILABEL,
     "ordinal": ORDINAL,
     "ordinal-regression": ORDINAL,
+    "segmentation": SEGMENTATION,
 }
 
 
@@ -29,6 +32,7 @@ def parse_task_type(name: str) -> str:
     key = str(name).strip().lower()
     if key not in ALIASES:
         raise ConfigError(
-            f"unknown task type {name!r}; use one of binary, multi-class, multi-label, ordinal"
+            f"unknown task type {name!r}; use one of binary, multi-class, multi-label, ordinal, "
+            "segmentation"
         )
     return ALIASES[key]

@@ -32,7 +32,12 @@ from medlite.models.registry import PARADIGMS
 from tests.helpers import CONF_DIR, make_cfg
 
 MODEL_DIR = CONF_DIR / "model"
-CONFIGS = sorted(p.stem for p in MODEL_DIR.glob("*.yaml"))
+# classification models (segmentation networks have their own grid: tests/models/test_seg_*.py)
+CONFIGS = sorted(
+    p.stem
+    for p in MODEL_DIR.glob("*.yaml")
+    if (OmegaConf.load(p).get("task") or "classification") == "classification"
+)
 SIZES = (28, 64, 128, 224)
 CHANS = (1, 3)
 # config name -> parameter-name regex of parameters allowed to get no gradient (and why).

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from tests.helpers import CONF_DIR, subprocess_env, wandb_offline_records
 
@@ -97,17 +98,27 @@ def test_one_wandb_run_per_job_named_and_grouped_by_the_sweep(failing_sweep):
     "sweep_cfg", sorted(p.stem for p in (CONF_DIR / "sweep").glob("taxonomy*.yaml"))
 )
 def test_sweep_configs_compose(sweep_cfg):
-    """The grid presets (the Optuna presets are checked in test_optuna.py)."""
+    """The grid presets (the Optuna presets are checked in test_optuna.py): the classification
+    grid covers every classification model config, the segmentation grid every segmentation one."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(
             config_name="train", overrides=[f"sweep={sweep_cfg}"], return_hydra_config=True
         )
     params = cfg.hydra.sweeper.params
     models = [m.strip() for m in params.model.split(",")]
-    assert sorted(models) == sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+    task = "segmentation" if "_seg" in sweep_cfg else "classification"
+    configs = [
+        p.stem
+        for p in (CONF_DIR / "model").glob("*.yaml")
+        if (OmegaConf.load(p).get("task") or "classification") == task
+    ]
+    assert sorted(models) == sorted(configs)
     assert [c.strip() for c in params.compress.split(",")] == ["none", "kd", "prune", "ptq"]
+    if task == "segmentation":
+        assert cfg.teacher.name == "unet" and cfg.data.name in ("kvasir_seg", "synthseg")
     if sweep_cfg.endswith("smoke"):
-        assert cfg.trainer.max_epochs == 1 and cfg.data.size == 28 and cfg.max_phase_epochs == 1
+        size = 64 if task == "segmentation" else 28
+        assert cfg.trainer.max_epochs == 1 and cfg.data.size == size and cfg.max_phase_epochs == 1
         assert cfg.max_step_batches == 2 and cfg.parallel_jobs == 2
         assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
 
