@@ -147,6 +147,8 @@ def run(cfg: DictConfig) -> float:
                 results["efficiency"] = profile_model(
                     model, (in_chans, img_size, img_size), **profile_settings(cfg.profile)
                 ).as_dict()
+        if cfg.get("eval", {}).get("original_size") and task.kind == "segmentation":
+            results["test_original_size"] = _original_size_metrics(model, dm)
         results["optimized"] = {  # what sweepers optimise, and which way
             "metric": optimized_metric,
             "mode": task.monitor_mode,
@@ -170,6 +172,19 @@ def run(cfg: DictConfig) -> float:
     if export_settings is not None:
         export_run(output_dir, export_settings)
     return _optimized(results, optimized_metric)
+
+
+def _original_size_metrics(model, dm) -> dict | None:
+    """``eval.original_size``: the test split scored at its images' own sizes."""
+    from medlite.compress.evaluate import evaluate_at_original_size
+
+    scores = evaluate_at_original_size(model, dm)
+    if scores is None:
+        log.info("eval.original_size: %s stores its masks at their own size already", dm.name)
+    else:
+        shown = ", ".join(f"{dm.task.title(k)} {v:.4f}" for k, v in scores.items())
+        log.info("test split at the images' original sizes: %s", shown)
+    return scores
 
 
 def _optimized(results: dict, metric: str) -> float:

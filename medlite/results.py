@@ -130,6 +130,17 @@ def print_summary(results: dict, console: Console | None = None) -> None:
         fmt = lambda v: "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"  # noqa: E731
         table.add_row(key, fmt(test.get(key)), fmt(val.get(key)))
     console.print(table)
+    if results.get("test_original_size"):
+        from medlite.tasks import task_record
+
+        record = task_record(results)
+        shown = " | ".join(
+            f"{metric_title(record, k)} {v:.4f}"
+            if v is not None
+            else f"{metric_title(record, k)} -"
+            for k, v in results["test_original_size"].items()
+        )
+        console.print(f"test at the images' original sizes: {shown}")
     if results.get("compression", {}).get("stages"):
         console.print(compression_table(results))
     eff = results.get("efficiency")

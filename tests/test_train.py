@@ -187,6 +187,28 @@ def test_train_py_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "run" / ".hydra" / "config.yaml").exists()
 
 
+def test_train_py_segmentation_end_to_end(tmp_path: Path) -> None:
+    """``python train.py data=synthseg``: the embedded masks, the default segmentation model
+    (EGE-UNet, chosen by the dataset option), Dice in the summary."""
+    proc = _train_py(
+        tmp_path, ["data=synthseg", "debug=limit", f"hydra.run.dir={tmp_path / 'run'}"]
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "dice" in proc.stdout and "SYNTHETIC" in proc.stdout
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["status"] == "ok" and res["model"]["name"] == "egeunet"
+    assert res["task"]["kind"] == "segmentation" and 0.0 <= res["test"]["dice"] <= 1.0
+    assert res["config"]["teacher"]["name"] == "unet"
+
+
+def test_a_classifier_on_segmentation_data_stops_before_training(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    (out / ".hydra").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="model=litecnn is a classification model.*model=unet"):
+        run(make_cfg(out, ["data=synthseg", "model=litecnn", *FAST]))
+    assert not out.exists()
+
+
 def test_multirun_goes_on_after_a_failing_job(tmp_path: Path) -> None:
     sweep = f"hydra.sweep.dir={tmp_path / 'sweep'}"
     proc = _train_py(tmp_path, ["-m", "debug=limit", "callbacks=none", "data.size=100,28", sweep])

@@ -39,3 +39,21 @@ def evaluate(model: nn.Module, loader: DataLoader, task: Task) -> dict[str, floa
     """The task's metrics of ``model`` on ``loader``."""
     y, s = predict_scores(model, loader, task)
     return task.metrics(y, s)
+
+
+def evaluate_at_original_size(model: nn.Module, datamodule, split: str = "test") -> dict | None:
+    """Segmentation metrics of ``split`` at each image's own size: the predicted class map is
+    taken back through the preprocessing (the region the image occupies, then nearest-neighbour
+    resizing) and compared with the mask as its file has it. None when the source stores its
+    masks at their original size already (generated data)."""
+    originals = datamodule.source.original_masks(split)
+    if originals is None:
+        return None
+    loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
+    _, predicted = predict_scores(model, loader, datamodule.task)
+    pre = datamodule.preprocess
+    pairs = [
+        (truth, pre.restore_mask(mask, truth.shape))
+        for truth, mask in zip(originals, predicted, strict=True)
+    ]
+    return datamodule.task.metrics_of_pairs(pairs)

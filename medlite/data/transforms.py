@@ -87,6 +87,14 @@ def fit_mask(mask: torch.Tensor, size: int, mode: str) -> torch.Tensor:
     return m[0, 0].to(mask.dtype)
 
 
+def _nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest-neighbour resize of a 2-D array (pixel centres, as torch's ``nearest-exact``)."""
+    h, w = mask.shape
+    rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.int64), w - 1)
+    return mask[rows[:, None], cols[None, :]]
+
+
 class Preprocess:
     """Deterministic part: to float, channels, input size, normalisation. Picklable for workers.
 
@@ -128,6 +136,24 @@ class Preprocess:
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         return self.normalize(self.prepare(image))
+
+    def restore_mask(self, mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """A class map at the model's input size -> the same map at an original (H, W).
+
+        The part of the (S, S) map the image occupies is where this preprocessing puts an
+        image of that size (all of it for ``fit: resize``; the centred box inside the padding
+        for ``fit: pad``); that part is resized back with nearest-neighbour sampling, so class
+        indices never blend. Used to score and to write masks at the files' own size.
+        """
+        height, width = int(shape[0]), int(shape[1])
+        mask = np.asarray(mask)
+        box = self.mask(np.ones((height, width), dtype=np.uint8)).numpy() > 0
+        if box.shape != mask.shape:
+            raise ValueError(f"class map {mask.shape} is not at the input size {box.shape}")
+        rows, cols = np.flatnonzero(box.any(axis=1)), np.flatnonzero(box.any(axis=0))
+        if rows.size and cols.size:
+            mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+        return _nearest(mask, height, width).astype(np.uint8)
 
     def describe(self) -> dict:
         """The input spec a deployed model needs (goes into results and the model card)."""

@@ -90,30 +90,10 @@ def is_dicom(path: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------- geometry
-def _nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Nearest-neighbour resize of a 2-D array (pixel centres, as torch's ``nearest-exact``)."""
-    h, w = mask.shape
-    rows = np.minimum(((np.arange(height) + 0.5) * h / height).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(width) + 0.5) * w / width).astype(np.int64), w - 1)
-    return mask[rows[:, None], cols[None, :]]
-
-
 def restore_size(mask: np.ndarray, shape: tuple[int, ...], preprocess: Preprocess) -> np.ndarray:
-    """A class map at the model's input size -> the same map at the file's (H, W).
-
-    The part of the (S, S) map the image occupies is where the run's preprocessing puts an
-    image of this size (all of it for ``fit: resize``; the centred box inside the padding for
-    ``fit: pad``); that part is resized back with nearest-neighbour sampling.
-    """
-    height, width = int(shape[0]), int(shape[1])
-    mask = np.asarray(mask)
-    box = preprocess.mask(np.ones((height, width), dtype=np.uint8)).numpy() > 0
-    if box.shape != mask.shape:
-        raise ValueError(f"class map {mask.shape} is not at the input size {box.shape}")
-    rows, cols = np.flatnonzero(box.any(axis=1)), np.flatnonzero(box.any(axis=0))
-    if rows.size and cols.size:
-        mask = mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    return _nearest(mask, height, width).astype(np.uint8)
+    """A class map at the model's input size -> the same map at the file's (H, W) (see
+    :meth:`medlite.data.transforms.Preprocess.restore_mask`)."""
+    return preprocess.restore_mask(mask, shape)
 
 
 # ---------------------------------------------------------------------------------- pictures

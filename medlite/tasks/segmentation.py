@@ -118,14 +118,33 @@ class SegmentationTask(Task):
 
         ``y_score`` may be probabilities (N, C, H, W) or hard masks (N, H, W).
         """
-        from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
-
         truth = torch.as_tensor(np.asarray(y_true)).long()
         if truth.ndim == 4:
             truth = truth[:, 0]
         pred = torch.as_tensor(self.predictions(y_score)).long()
         if pred.shape != truth.shape:
             raise ValueError(f"masks of shape {tuple(pred.shape)} vs {tuple(truth.shape)}")
+        return _average(self._per_image(truth, pred))
+
+    def metrics_of_pairs(self, pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, float]:
+        """The same metrics for (truth, predicted mask) pairs of any sizes (each pair one size):
+        scoring on the images' original resolution."""
+        chunks: dict[str, list[np.ndarray]] = {name: [] for name in self.metric_names}
+        for truth, pred in pairs:
+            t = torch.as_tensor(np.asarray(truth)).long()[None]
+            p = torch.as_tensor(np.asarray(pred)).long()[None]
+            if p.shape != t.shape:
+                raise ValueError(f"masks of shape {tuple(p.shape)} vs {tuple(t.shape)}")
+            for name, values in self._per_image(t, p).items():
+                chunks[name].append(values)
+        if not pairs:
+            return {name: float("nan") for name in self.metric_names}
+        return _average({name: np.concatenate(v) for name, v in chunks.items()})
+
+    def _per_image(self, truth: torch.Tensor, pred: torch.Tensor) -> dict[str, np.ndarray]:
+        """(N, K - 1) values per metric, NaN where undefined (HD95 of an empty mask)."""
+        from monai.metrics import DiceMetric, HausdorffDistanceMetric, MeanIoU
+
         k = self.num_outputs
         dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)
         iou = MeanIoU(include_background=False, reduction="none", ignore_empty=False)
@@ -141,17 +160,23 @@ class SegmentationTask(Task):
                 values["hd95"].append(hd95(p, t))
         out = {}
         for name, chunks in values.items():
-            per_image = torch.cat(chunks).float().numpy()  # (N, K - 1)
+            per_image = torch.cat(chunks).float().numpy()
             per_image[~np.isfinite(per_image)] = np.nan
-            out[name] = (
-                float(np.nanmean(per_image)) if np.isfinite(per_image).any() else float("nan")
-            )
+            out[name] = per_image
         return out
 
     def foreground_fraction(self, mask: np.ndarray) -> dict[str, float]:
         """Share of the image each foreground class covers (what predict.py reports)."""
         mask = np.asarray(mask)
         return {lab: float((mask == i).mean()) for i, lab in enumerate(self.labels) if i > 0}
+
+
+def _average(per_image: dict[str, np.ndarray]) -> dict[str, float]:
+    """Mean over images and classes, leaving out undefined (NaN) values."""
+    return {
+        name: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+        for name, v in per_image.items()
+    }
 
 
 def _onehot(mask: torch.Tensor, k: int) -> torch.Tensor:

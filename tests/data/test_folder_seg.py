@@ -12,6 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from medlite.data.readers import InputError, read_mask
@@ -338,3 +339,57 @@ def test_tiny_training_run(tmp_path, one_thread):
         "splits.csv"
     ]
     assert len(_rows(out / "splits.csv")) == 20
+
+
+# ---------------------------------------------------------------------------------- original size
+class _Oracle(torch.nn.Module):
+    """Predicts exactly the image's content (images here are their masks times 255)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fg = x.mean(dim=1, keepdim=True)  # normalised: -1 for background, +1 for foreground
+        return torch.cat([-fg, fg], dim=1) * 10
+
+
+@pytest.mark.parametrize("fit", ["resize", "pad"])
+def test_scoring_at_the_original_size_maps_predictions_back(tmp_path, fit):
+    """Non-square 90x60 masks stored at 32 px: a model that is right at 32 px is right at the
+    files' own size too (up to the resampling of thin edges) once its map goes back through the
+    same resize or pad; scoring the 32 px map against the wrong region would not come close."""
+    from medlite.compress.evaluate import evaluate_at_original_size
+    from medlite.data.datamodule import DataModule
+
+    root = _study(tmp_path / "study", n=30, shape=(90, 60))
+    dm = DataModule(FolderSegSource(str(root), size=32, fit=fit), fit=fit)
+    dm.setup()
+    originals = dm.source.original_masks("test")
+    assert [m.shape for m in originals] == [(90, 60)] * len(dm.splits["test"])
+    assert all(set(np.unique(m)) <= {0, 1} for m in originals)
+    scores = evaluate_at_original_size(_Oracle(), dm)
+    assert scores["dice"] > 0.93 and scores["iou"] > 0.87
+    shifted = [np.roll(m, 6, axis=1) for m in originals]  # what a misplaced map would score
+    pairs = list(zip(originals, shifted, strict=True))
+    assert dm.task.metrics_of_pairs(pairs)["dice"] < scores["dice"] - 0.1
+
+
+def test_original_size_scores_land_in_results(tmp_path):
+    root = _study(tmp_path / "study", n=20, shape=(48, 40))
+    out = tmp_path / "run"
+    cfg = make_cfg(
+        out,
+        [
+            "data=folder_seg",
+            f"data.root={root}",
+            "data.size=32",
+            "model=unet",
+            "model.kwargs.channels=[8,16,32]",
+            "model.kwargs.strides=[2,2]",
+            "trainer.max_epochs=1",
+            "callbacks=none",
+            "profile.enabled=false",
+            "eval.original_size=true",
+        ],
+    )
+    run(cfg)
+    results = json.loads((out / "results.json").read_text())
+    scores = results["test_original_size"]
+    assert set(scores) == {"dice", "iou", "hd95"} and 0.0 <= scores["dice"] <= 1.0

@@ -84,6 +84,12 @@ class DataSource(ABC):
         """Files a run keeps about its data (e.g. ``splits.csv``); names relative to run_dir."""
         return []
 
+    def original_masks(self, split: str) -> list[np.ndarray] | None:
+        """Segmentation sources whose files have their own sizes: each mask of ``split`` at its
+        original size, as class indices, in the split's order (scoring at the original
+        resolution, ``eval.original_size``). None: the stored size is the original one."""
+        return None
+
     # ------------------------------------------------------------------ what callers use
     @property
     def info(self) -> SourceInfo:

@@ -201,6 +201,18 @@ class FolderSegSource(DataSource):
         self._check_dataset(alive, split_of, present)
         return self._assemble(pairs, alive, split_of, images, masks, stats)
 
+    def original_masks(self, split: str) -> list[np.ndarray]:
+        """The split's masks read again at their own size, as class indices (as when loading)."""
+        data = self.load()[split]
+        mask_of = {image: mask for image, mask, _, _ in self._records}
+        out = []
+        for image in data.ids:
+            classes = self._class_values(read_mask(self.masks_dir / mask_of[image]), mask_of[image])
+            if isinstance(classes, str):  # the file changed since it was loaded
+                raise DataError(f"masks/{mask_of[image]}: {classes}")
+            out.append(classes)
+        return out
+
     def describe(self) -> dict:
         splits: dict = {"method": self.method, "file": "splits.csv"}
         if self.method in ("stratified", "stratified_by_patient"):

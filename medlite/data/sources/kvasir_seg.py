@@ -170,6 +170,15 @@ class KvasirSegSource(DataSource):
         )
         return out
 
+    def original_masks(self, split: str) -> list[np.ndarray]:
+        """The split's masks read again at their own size, binarised as when loading."""
+        data = self.load()[split]
+        mask_of = dict(self._files.values())
+        return [
+            (read_mask(self.root / "masks" / mask_of[name]) > THRESHOLD).astype(np.uint8)
+            for name in data.ids
+        ]
+
     def describe(self) -> dict:
         return {
             "root": str(self.root.resolve()),
