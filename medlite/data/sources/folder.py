@@ -71,6 +71,64 @@ _LAYOUT_HELP = (
 )
 
 
+@dataclass(frozen=True)
+class FolderSettings:
+    """The settings both folder sources (images with labels, images with masks) share, each
+    checked with its own ConfigError before anything is read."""
+
+    root: Path
+    csv: str | None
+    fractions: tuple[float, ...]
+    split_seed: int
+    channels: int | None
+    skip_bad: bool
+    size: int
+    fit: str
+
+    @classmethod
+    def check(
+        cls, root, csv, split, split_seed, channels, skip_bad, size, fit, *, holds: str
+    ) -> FolderSettings:
+        """``holds``: what the folder holds, for the messages ("your images")."""
+        if root is None or not str(root).strip():
+            raise ConfigError(f"data.root is required: the folder holding {holds}")
+        path = Path(str(root)).expanduser()
+        if not path.exists():
+            raise ConfigError(f"data.root={root}: no such folder (the folder holding {holds})")
+        if not path.is_dir():
+            raise ConfigError(
+                f"data.root={root}: is a file, not a folder; pass the folder holding {holds}"
+            )
+        if csv is not None and (not isinstance(csv, str) or not csv.strip()):
+            raise ConfigError(f"data.csv must be a file name (relative to data.root), got {csv!r}")
+        try:
+            fractions = tuple(float(f) for f in check_fractions(_as_list(split, "data.split")))
+        except ValueError as err:
+            raise ConfigError(f"data.split={split!r}: {err}; e.g. [0.7, 0.1, 0.2]") from None
+        if len(fractions) != len(SPLITS):
+            raise ConfigError(
+                f"data.split={split!r}: needs 3 fractions (train, val, test), e.g. [0.7, 0.1, 0.2]"
+            )
+        if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
+            raise ConfigError(
+                f"data.channels must be null (as the images are), 1 or 3, got {channels!r}"
+            )
+        if not isinstance(skip_bad, bool):
+            raise ConfigError(f"data.skip_bad must be true or false, got {skip_bad!r}")
+        if fit not in FIT_MODES:
+            raise ConfigError(f"data.fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
+        return cls(
+            root=path,
+            csv=csv.strip() if csv else None,
+            fractions=fractions,
+            split_seed=_integer(split_seed, "data.split_seed", low=0),
+            channels=None if channels is None else int(channels),
+            skip_bad=skip_bad,
+            size=_integer(size, "data.size", low=8),
+            fit=fit,
+        )
+
+
 @dataclass
 class _Entry:
     """One listed image, before anything is read."""
@@ -102,42 +160,17 @@ class FolderSource(DataSource):
         name: str | None = None,
     ) -> None:
         super().__init__()
-        if root is None or not str(root).strip():
-            raise ConfigError("data.root is required: the folder holding your images")
-        self.root = Path(str(root)).expanduser()
-        if not self.root.exists():
-            raise ConfigError(f"data.root={root}: no such folder")
-        if not self.root.is_dir():
-            raise ConfigError(f"data.root={root}: is a file, not a folder; pass the study folder")
-        if csv is not None and (not isinstance(csv, str) or not csv.strip()):
-            raise ConfigError(f"data.csv must be a file name (relative to data.root), got {csv!r}")
-        self.csv = csv.strip() if csv else None
+        settings = FolderSettings.check(
+            root, csv, split, split_seed, channels, skip_bad, size, fit, holds="your images"
+        )
+        self.root, self.csv, self.fractions = settings.root, settings.csv, settings.fractions
+        self.split_seed, self.channels = settings.split_seed, settings.channels
+        self.skip_bad, self.size, self.fit = settings.skip_bad, settings.size, settings.fit
         try:
             self.task_type = parse_task_type(task) if task is not None else None
         except ConfigError as err:
             raise ConfigError(f"data.task={task}: {err}") from None
         self.classes = _check_classes(classes, self.task_type)
-        try:
-            self.fractions = tuple(float(f) for f in check_fractions(_as_list(split, "data.split")))
-        except ValueError as err:
-            raise ConfigError(f"data.split={split!r}: {err}; e.g. [0.7, 0.1, 0.2]") from None
-        if len(self.fractions) != len(SPLITS):
-            raise ConfigError(
-                f"data.split={split!r}: needs 3 fractions (train, val, test), e.g. [0.7, 0.1, 0.2]"
-            )
-        self.split_seed = _integer(split_seed, "data.split_seed", low=0)
-        if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
-            raise ConfigError(
-                f"data.channels must be null (as the images are), 1 or 3, got {channels!r}"
-            )
-        self.channels = None if channels is None else int(channels)
-        if not isinstance(skip_bad, bool):
-            raise ConfigError(f"data.skip_bad must be true or false, got {skip_bad!r}")
-        self.skip_bad = skip_bad
-        self.size = _integer(size, "data.size", low=8)
-        if fit not in FIT_MODES:
-            raise ConfigError(f"data.fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
-        self.fit = fit
         self.name = str(name) if name else (self.root.resolve().name or "folder")
         self.layout = self._detect_layout()  # lists folders only; no file is opened
 

@@ -56,15 +56,14 @@ from medlite.data.sources.folder import (
     MAX_LISTED,
     MAX_LOGGED_SKIPS,
     SPLIT_ALIASES,
-    _as_list,
+    FolderSettings,
     _equal_channels,
-    _integer,
     _progress,
     _short_list,
     _walk_images,
 )
-from medlite.data.splits import check_fractions, stratified_split
-from medlite.data.transforms import FIT_MODES, fit_image, fit_mask
+from medlite.data.splits import stratified_split
+from medlite.data.transforms import fit_image, fit_mask
 from medlite.errors import ConfigError, DataError
 from medlite.tasks import SEGMENTATION, get_task
 
@@ -110,43 +109,19 @@ class FolderSegSource(DataSource):
         name: str | None = None,
     ) -> None:
         super().__init__()
-        if root is None or not str(root).strip():
-            raise ConfigError("data.root is required: the folder holding images/ and masks/")
-        self.root = Path(str(root)).expanduser()
-        if not self.root.is_dir():
-            what = "is a file, not a folder" if self.root.exists() else "no such folder"
-            raise ConfigError(f"data.root={root}: {what}; {_LAYOUT_HELP}")
+        settings = FolderSettings.check(
+            root, csv, split, split_seed, channels, skip_bad, size, fit, holds="images/ and masks/"
+        )
+        self.root, self.csv, self.fractions = settings.root, settings.csv, settings.fractions
+        self.split_seed, self.channels = settings.split_seed, settings.channels
+        self.skip_bad, self.size, self.fit = settings.skip_bad, settings.size, settings.fit
         self.images_dir = _child(self.root, "images")
         self.masks_dir = _child(self.root, "masks")
-        if csv is not None and (not isinstance(csv, str) or not csv.strip()):
-            raise ConfigError(f"data.csv must be a file name (relative to data.root), got {csv!r}")
-        self.csv = csv.strip() if csv else None
         if self.csv and self.csv != DEFAULT_CSV and not (self.root / self.csv).is_file():
             raise ConfigError(
                 f"data.csv={self.csv}: no such file in {self.root} (it is relative to data.root)"
             )
         self.classes = _check_classes(classes)
-        try:
-            self.fractions = tuple(float(f) for f in check_fractions(_as_list(split, "data.split")))
-        except ValueError as err:
-            raise ConfigError(f"data.split={split!r}: {err}; e.g. [0.7, 0.1, 0.2]") from None
-        if len(self.fractions) != len(SPLITS):
-            raise ConfigError(
-                f"data.split={split!r}: needs 3 fractions (train, val, test), e.g. [0.7, 0.1, 0.2]"
-            )
-        self.split_seed = _integer(split_seed, "data.split_seed", low=0)
-        if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
-            raise ConfigError(
-                f"data.channels must be null (as the images are), 1 or 3, got {channels!r}"
-            )
-        self.channels = None if channels is None else int(channels)
-        if not isinstance(skip_bad, bool):
-            raise ConfigError(f"data.skip_bad must be true or false, got {skip_bad!r}")
-        self.skip_bad = skip_bad
-        self.size = _integer(size, "data.size", low=8)
-        if fit not in FIT_MODES:
-            raise ConfigError(f"data.fit must be one of {', '.join(FIT_MODES)}, got {fit!r}")
-        self.fit = fit
         self.name = str(name) if name else (self.root.resolve().name or "folder_seg")
 
         # what loading finds out (see describe / fingerprint / write_records)
