@@ -81,9 +81,30 @@ def build_datamodule(cfg: DictConfig) -> DataModule:
     return DataModule(build_source(cfg), input_size=cfg.model.input_size, **settings)
 
 
-def check_model_task(model_cfg: DictConfig, task, role: str = "model") -> None:
-    """A classifier can't segment and a segmentation network can't classify: say so before any
-    training (a model config declares ``task``; classification when it doesn't)."""
+def model_dims(model_cfg: DictConfig) -> int:
+    """Spatial dimensions a model config takes: its ``dims``, else its registry entry's, else 2."""
+    if model_cfg.get("dims") is not None:
+        return int(model_cfg.dims)
+    from medlite.models import registry
+
+    entry = registry.get_entry(str(model_cfg.get("arch")))
+    return entry.dims if entry is not None else 2
+
+
+def check_model_task(
+    model_cfg: DictConfig, task, role: str = "model", spatial_dims: int | None = None
+) -> None:
+    """A classifier can't segment, a segmentation network can't classify, a 2D network can't
+    take volumes: say so before any training (a model config declares ``task`` and ``dims``;
+    classification and 2 when it doesn't)."""
+    if spatial_dims is not None and model_dims(model_cfg) != spatial_dims:
+        have, want = model_dims(model_cfg), spatial_dims
+        examples = "mobilenetv2_3d, resnet18_3d, vim3d" if want == 3 else "litecnn, resnet18"
+        what = {2: "2D images", 3: "3D volumes"}
+        raise ConfigError(
+            f"{role}={model_cfg.name} is a {have}D model, but this dataset holds {what[want]}; "
+            f"choose a {want}D {role}, e.g. {role}={examples.split(', ')[0]} ({examples})"
+        )
     kind = model_cfg.get("task") or "classification"
     if kind != task.kind:
         examples = {"classification": "litecnn, resnet18", "segmentation": "unet, egeunet"}

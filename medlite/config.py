@@ -78,7 +78,8 @@ def validate(cfg: DictConfig) -> None:
     for key in data:  # required source settings (flag, root) fail here, with a hint
         if OmegaConf.is_missing(data, key):
             _get(cfg, f"data.{key}")
-    _number(cfg, "data.size", low=8, integer=True)
+    if _get(cfg, "data.size") is not None:  # null: the source's default (folders)
+        _number(cfg, "data.size", low=8, integer=True)
     input_size = _get(cfg, "model.input_size")
     if input_size is not None:
         _number(cfg, "model.input_size", low=8, integer=True)

@@ -67,7 +67,7 @@ def run(cfg: DictConfig) -> float:
         dm = build_datamodule(cfg)
         dm.setup()  # fails now, not mid-training, on a missing or corrupt file
         task = dm.task
-        check_model_task(cfg.model, task)
+        check_model_task(cfg.model, task, spatial_dims=dm.spatial_dims)
         optimized_metric = config_checks.optimized_metric(cfg, task)
         class_weights = loss_class_weights(cfg, dm)
         in_chans, img_size = dm.in_chans, dm.preprocess.input_size
@@ -145,7 +145,7 @@ def run(cfg: DictConfig) -> float:
             results.update(best_checkpoint=phase.best_checkpoint, val=phase.val, test=phase.test)
             if cfg.profile.enabled:
                 results["efficiency"] = profile_model(
-                    model, (in_chans, img_size, img_size), **profile_settings(cfg.profile)
+                    model, dm.input_shape, **profile_settings(cfg.profile)
                 ).as_dict()
         if cfg.get("eval", {}).get("original_size") and task.kind == "segmentation":
             results["test_original_size"] = _original_size_metrics(model, dm)

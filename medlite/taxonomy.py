@@ -1,8 +1,8 @@
 """``python -m medlite.taxonomy``: the taxonomy tables of every model config.
 
 For each ``conf/model/*.yaml``: paradigm, parameters, MACs and CPU latency (batch 1) at the
-input size its size policy gives for 28 px and 224 px data (classification models), or at 64 and
-256 px (segmentation networks, one table of their own). Numbers come from
+input size its size policy gives for 28 px and 224 px data (classification models), at 64 and
+256 px (segmentation networks), or at 28³ and 64³ (volume models), each kind a table of its own. Numbers come from
 :func:`medlite.efficiency.profile_model`, the same function that fills ``results.json``.
 """
 
@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from rich.console import Console
 from rich.table import Table
 
-from medlite.build import build_model
+from medlite.build import build_model, model_dims
 from medlite.efficiency import profile_model
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument(
         "--seg-sizes", type=int, nargs="+", default=[64, 256], help="segmentation sizes (px)"
     )
+    parser.add_argument(
+        "--volume-sizes", type=int, nargs="+", default=[28, 64], help="volume sides (voxels)"
+    )
     parser.add_argument("--in-chans", type=int, default=1)
     parser.add_argument("--num-classes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None)
@@ -54,7 +57,12 @@ def main() -> None:
     rows = []
     for cfg in model_configs(args.models.split(",") if args.models else None):
         task = cfg.get("task") or "classification"
-        sizes = args.seg_sizes if task == "segmentation" else args.sizes
+        dims = model_dims(cfg)
+        if dims == 3:
+            task = "volume classification"
+        sizes = {"segmentation": args.seg_sizes, "volume classification": args.volume_sizes}.get(
+            task, args.sizes
+        )
         row = {"name": cfg.name, "arch": cfg.arch, "paradigm": cfg.paradigm, "task": task}
         for size in sizes:
             side = cfg.input_size or size
@@ -62,7 +70,7 @@ def main() -> None:
             model = build_model(cfg, args.num_classes, args.in_chans, side)
             prof = profile_model(
                 model,
-                (args.in_chans, side, side),
+                (args.in_chans,) + (side,) * dims,
                 repeats=args.repeats,
                 warmup=3,
                 throughput_batch=8,
@@ -81,7 +89,12 @@ def main() -> None:
     console = Console()
     console = console if console.is_terminal else Console(width=200)
     threads = args.threads or torch.get_num_threads()
-    for task, sizes in (("classification", args.sizes), ("segmentation", args.seg_sizes)):
+    kinds = (
+        ("classification", args.sizes),
+        ("segmentation", args.seg_sizes),
+        ("volume classification", args.volume_sizes),
+    )
+    for task, sizes in kinds:
         chosen = [r for r in rows if r["task"] == task]
         if chosen:
             console.print(

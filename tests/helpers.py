@@ -105,6 +105,78 @@ def write_dicom(
     return path
 
 
+# ------------------------------------------------------------------ DICOM series (volumes)
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+SAGITTAL = (0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # columns run posterior, rows inferior
+PIXEL_SPACING = (0.8, 0.7)  # between rows, between columns (mm)
+
+
+def ct_dataset(pixels: np.ndarray, **attrs):
+    """A CT Image Storage dataset as a scanner writes one (int16 or uint8 pixels)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = ds.BitsStored = pixels.dtype.itemsize * 8
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 1 if pixels.dtype.kind == "i" else 0
+    for key, value in attrs.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def write_series(
+    folder: Path,
+    stack: np.ndarray,
+    gap: float = 2.5,
+    orientation=AXIAL,
+    origin=(-40.0, -30.0, 100.0),
+    series_uid: str | None = None,
+    shuffle_seed: int | None = 0,
+    per_slice: dict[int, dict] | None = None,
+    **attrs,
+) -> list[Path]:
+    """One file per slice of ``stack`` ``(k, rows, cols)``, slice k at ``origin + k*gap*normal``,
+    written in a shuffled order under names that do not sort by position."""
+    from pydicom.uid import generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = series_uid or generate_uid()
+    normal = np.cross(orientation[:3], orientation[3:])
+    defaults = {"RescaleSlope": 1, "RescaleIntercept": -1024, "SliceThickness": gap}
+    order = np.arange(len(stack))
+    if shuffle_seed is not None:
+        order = np.random.default_rng(shuffle_seed).permutation(len(stack))
+    paths = []
+    for n, k in enumerate(order):
+        position = np.asarray(origin) + k * gap * normal
+        slice_attrs = defaults | {
+            "SeriesInstanceUID": series_uid,
+            "SeriesDescription": "chest",
+            "InstanceNumber": int(k) + 1,
+            "ImagePositionPatient": [round(float(v), 4) for v in position],
+            "ImageOrientationPatient": list(orientation),
+            "PixelSpacing": list(PIXEL_SPACING),
+        }
+        slice_attrs |= attrs | (per_slice or {}).get(int(k), {})
+        path = folder / f"IM{n:04d}.dcm"
+        ct_dataset(stack[k], **slice_attrs).save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
 def subprocess_env(root: Path) -> dict[str, str]:
     """Environment for a ``train.py`` subprocess in tests: caches and W&B under ``root``, W&B
     offline, one thread per job (two threads thrash on a busy 2-core machine)."""

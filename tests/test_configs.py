@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from medlite import config as config_checks
-from medlite.build import build_datamodule, build_model
+from medlite.build import build_datamodule, build_model, model_dims
 from medlite.compress import build_steps
 from medlite.errors import ConfigError
 from medlite.training import instantiate_group
@@ -48,9 +48,12 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path) -> 
     node = cfg.teacher if group == "teacher" else cfg.model
     if group in ("model", "teacher") and node.get("task") == "segmentation":
         cfg = make_cfg(tmp_path, ["data=synthseg", override])  # on a dataset of its task
+    elif group in ("model", "teacher") and model_dims(node) == 3:
+        cfg = make_cfg(tmp_path, ["data=synthlesion3d", override])  # volumes
     needs = {  # options that are bases, or need the user's own setting
         "base": "no dataset chosen",
         "medmnist": "data.flag",
+        "medmnist3d": "data.flag",
         "folder": "data.root",
         "folder_seg": "data.root",
     }
@@ -66,7 +69,7 @@ def test_option_composes_and_instantiates(group: str, option: str, tmp_path) -> 
         node = cfg.teacher if group == "teacher" else cfg.model
         size = node.input_size or cfg.data.size
         model = build_model(node, dm.task.num_outputs, dm.in_chans, size)
-        out = model(torch.zeros(2, dm.in_chans, size, size))
+        out = model(torch.zeros(2, dm.in_chans, *(size,) * dm.spatial_dims))
         spatial = (size, size) if dm.task.kind == "segmentation" else ()
         assert out.shape == (2, dm.task.num_outputs, *spatial)
     if group == "optim":

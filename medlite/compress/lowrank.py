@@ -581,6 +581,25 @@ class LowRankStep(CompressionStep):
 
     # -- prepare -----------------------------------------------------------------------------
 
+    def check(self, model: nn.Module, example: torch.Tensor) -> None:
+        """A 3D CNN has nothing this step factorises (3D kernels are not supported): say so
+        before the base model trains, not after."""
+        if not any(isinstance(m, nn.Conv3d) for m in model.modules()):
+            return
+        candidates = [
+            m
+            for m in model.modules()
+            if type(m) in (nn.Linear, nn.Conv2d) and m.weight.numel() >= self.min_params
+        ]
+        if len(candidates) <= int(self.skip_head):
+            raise ConfigError(
+                "compress step lowrank: low-rank factorisation of 3D convolutions (Conv3d) is "
+                "not supported, and this volume model has no Linear layer to factorise besides "
+                "its head. Use prune / ptq / kd for a 3D CNN, or a 3D Transformer or "
+                "linear-complexity model (vit3d, mobilevit3d, vim3d, trimamba3d), whose Linear "
+                "layers it factorises"
+            )
+
     def prepare(self, model: nn.Module, ctx: RunContext) -> nn.Module:
         """Factorise every eligible layer of ``model`` in place; fill ``self.report``."""
         was_training = model.training

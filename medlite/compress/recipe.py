@@ -37,7 +37,7 @@ def check_recipe(cfg: DictConfig) -> None:
 
 
 def _stage(
-    cfg: DictConfig, name: str, model: nn.Module, datamodule, input_shape: tuple[int, int, int]
+    cfg: DictConfig, name: str, model: nn.Module, datamodule, input_shape: tuple[int, ...]
 ) -> dict:
     row = {
         "stage": name,
@@ -77,11 +77,7 @@ def run_recipe(
     """Base -> steps; fills ``results['compression']``, ``results['val']``/``['test']`` (the final
     model's) and returns the final model."""
     out = ctx.output_dir
-    shape = (
-        datamodule.in_chans,
-        datamodule.preprocess.input_size,
-        datamodule.preprocess.input_size,
-    )
+    shape = datamodule.input_shape
     comp = results.setdefault("compression", {})
     comp.update(
         base=cfg.compress.get("base", "train"),

@@ -57,12 +57,13 @@ def _cache_key(cfg: DictConfig, data_id: str) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
-def cache_path(cfg: DictConfig, data_name: str, data_id: str) -> Path:
+def cache_path(cfg: DictConfig, data_name: str, data_id: str, size: int | None = None) -> Path:
     """Where a teacher trained by this run's recipe on this data is cached. ``data_id``: the
     datamodule's fingerprint (files and split), so two folders of the same name never share."""
     root = Path(str(cfg.paths.cache_dir)).expanduser() / "teachers"
     key = _cache_key(cfg, data_id)
-    return root / f"{data_name}_{cfg.data.size}px" / f"{cfg.teacher.name}-{key}.ckpt"
+    size = size or cfg.data.size
+    return root / f"{data_name}_{size}px" / f"{cfg.teacher.name}-{key}.ckpt"
 
 
 def plan_teacher(cfg: DictConfig, datamodule) -> TeacherPlan:
@@ -73,13 +74,13 @@ def plan_teacher(cfg: DictConfig, datamodule) -> TeacherPlan:
             f"compress={cfg.compress.name} distils from a teacher but no teacher is configured; "
             "choose one, e.g. teacher=resnet18"
         )
-    check_model_task(t, datamodule.task, role="teacher")
+    check_model_task(t, datamodule.task, role="teacher", spatial_dims=datamodule.spatial_dims)
     if t.get("ckpt_path"):
         path = Path(str(t.ckpt_path)).expanduser()
         if not path.is_file():
             raise ConfigError(f"teacher.ckpt_path={path} does not exist")
         return TeacherPlan("ckpt", path)
-    cached = cache_path(cfg, datamodule.name, datamodule.fingerprint())
+    cached = cache_path(cfg, datamodule.name, datamodule.fingerprint(), datamodule.size)
     if t.get("cache", True) and cached.is_file():
         return TeacherPlan("cache", cached)
     return TeacherPlan("train", cached if t.get("cache", True) else None)
@@ -113,7 +114,7 @@ def obtain_teacher(
             lr=t.get("lr"),
             test=False,
         )
-        meta = {"arch": t.arch, "data": datamodule.name, "size": cfg.data.size, "seed": cfg.seed}
+        meta = {"arch": t.arch, "data": datamodule.name, "size": datamodule.size, "seed": cfg.seed}
         run_copy = output_dir / "teacher" / "teacher.ckpt"
         save_weights(net, run_copy, meta)
         info["path"] = str(run_copy)

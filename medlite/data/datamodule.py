@@ -135,10 +135,10 @@ class DataModule(pl.LightningDataModule):
     @cached_property
     def preprocess(self) -> Preprocess:
         info = self.source.info
-        if info.spatial_dims != 2:
+        if info.spatial_dims == 3 and self.task.kind == "segmentation":
             raise ConfigError(
-                f"{info.name} holds {info.spatial_dims}D volumes; medlite's models and "
-                "preprocessing take 2D images so far. Choose a 2D dataset"
+                f"{info.name} holds 3D masks; medlite segments 2D images so far (volumes are "
+                "classified). Choose a 2D segmentation dataset"
             )
         n = self.in_chans
         mean = list(self.mean_cfg) if self.mean_cfg else [0.5] * n
@@ -152,7 +152,17 @@ class DataModule(pl.LightningDataModule):
             std=std,
             fit=self.fit,
             load_size=info.size,
+            spatial_dims=info.spatial_dims,
         )
+
+    @property
+    def spatial_dims(self) -> int:
+        return self.source.info.spatial_dims
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One model input without the batch axis: (C, S, S) or (C, S, S, S)."""
+        return self.preprocess.input_shape
 
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
@@ -164,14 +174,20 @@ class DataModule(pl.LightningDataModule):
             return
         loaded = self.source.load()
         self.preprocess  # noqa: B018 - checks the settings (channels, mean/std) now
-        augment = build_augment(self.augment_cfg)
+        augment = build_augment(
+            self.augment_cfg,
+            spatial_dims=self.spatial_dims,
+            seed=_augment_seed() if self.spatial_dims == 3 else None,
+            size=self.preprocess.input_size,
+        )
         for split, data in loaded.items():
             self.splits[split] = self._dataset(data, augment if split == "train" else None)
         log.info(
-            "%s (%s, %d px): %s",
+            "%s (%s, %d px%s): %s",
             self.name,
             self.task.type,
             self.size,
+            " volumes" if self.spatial_dims == 3 else "",
             ", ".join(f"{k} {len(v)}" for k, v in self.splits.items()),
         )
         log.info("class balance per split:\n%s", self.balance_table())
@@ -247,6 +263,7 @@ class DataModule(pl.LightningDataModule):
             "task": self.task.type,
             "labels": list(self.task.labels),
             "channels": info.channels,
+            "spatial_dims": info.spatial_dims,
             "n_samples": {k: len(v) for k, v in loaded.items()},
             "class_counts": {
                 k: [int(c) for c in class_counts(v, self.task)] for k, v in loaded.items()
@@ -261,6 +278,12 @@ class DataModule(pl.LightningDataModule):
     def write_records(self, run_dir: Path) -> list[str]:
         """Let the source keep what makes the run auditable (e.g. ``splits.csv``)."""
         return self.source.write_records(Path(run_dir))
+
+
+def _augment_seed() -> int:
+    """A seed for augmentation that keeps its own generator (MONAI's): drawn from torch's, so
+    it follows ``seed_everything``."""
+    return int(torch.randint(0, 2**31 - 1, ()).item())
 
 
 def class_counts(split: Split, task: Task) -> np.ndarray:

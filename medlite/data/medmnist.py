@@ -49,6 +49,7 @@ __all__ = [
     "SPLITS",
     "ARRAY_KEYS",
     "flags_2d",
+    "flags_3d",
     "get_info",
     "valid_sizes",
     "file_name",
@@ -119,8 +120,13 @@ def _medmnist_info() -> dict[str, dict]:
 
 
 def flags_2d() -> list[str]:
-    """The 12 MedMNIST 2D dataset flags medlite trains on, in ``medmnist.INFO`` order."""
+    """The 12 MedMNIST 2D dataset flags, in ``medmnist.INFO`` order."""
     return [flag for flag in _medmnist_info() if not flag.endswith("3d")]
+
+
+def flags_3d() -> list[str]:
+    """The 6 MedMNIST 3D (volume) dataset flags, in ``medmnist.INFO`` order."""
+    return [flag for flag in _medmnist_info() if flag.endswith("3d")]
 
 
 def _normalize_flag(flag: str) -> str:
@@ -134,8 +140,8 @@ def _normalize_flag(flag: str) -> str:
     hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ConfigError(
         f"unknown MedMNIST dataset flag {flag!r}.{hint} Valid flags: "
-        f"2D: {', '.join(flags_2d())}; 3D (lookup only): "
-        f"{', '.join(f for f in valid if f.endswith('3d'))}. Set data.flag=<one of these>."
+        f"2D: {', '.join(flags_2d())}; 3D: {', '.join(flags_3d())}. "
+        "Set data.flag=<one of these>."
     )
 
 

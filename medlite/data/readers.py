@@ -225,8 +225,9 @@ def _read_dicom(path: Path, force: bool) -> np.ndarray:
         frames = 1
     if frames > 1:
         raise InputError(
-            f"{path}: is a 3D/multi-frame DICOM ({frames} frames); medlite models take 2D "
-            "images; extract one frame (e.g. with pydicom or dcmtk) and pass that"
+            f"{path}: is a 3D/multi-frame DICOM ({frames} frames); this is a 2D "
+            "(image) model: extract one frame (e.g. with pydicom or dcmtk) and pass that, or "
+            "use a model trained on volumes"
         )
     pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     try:
@@ -349,8 +350,9 @@ def _read_nifti(path: Path) -> np.ndarray:
         ) from err
     if len(shape) < 2 or any(s != 1 for s in shape[2:]):
         raise InputError(
-            f"{path}: has shape {shape}, a 3D volume (or a series); medlite models take 2D "
-            "images; save the one slice you want as a 2D NIfTI (shape (X, Y)) or as PNG"
+            f"{path}: has shape {shape}, a 3D volume (or a series); this is a 2D "
+            "(image) model: save the one slice you want as a 2D NIfTI (shape (X, Y)) or as PNG, "
+            "or use a model trained on volumes"
         )
     try:
         data = np.asanyarray(img.dataobj)  # applies scl_slope / scl_inter when set

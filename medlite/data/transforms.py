@@ -21,40 +21,61 @@ from medlite.errors import ConfigError
 FIT_MODES = ("resize", "pad")
 
 
-def to_tensor(image: np.ndarray, as_rgb: bool) -> torch.Tensor:
-    """(H, W) or (H, W, C) uint8 -> (C, H, W) float in [0, 1]; grayscale repeated to 3 channels on request."""
+def to_tensor(image: np.ndarray, as_rgb: bool, spatial_dims: int = 2) -> torch.Tensor:
+    """uint8 -> (C, *spatial) float in [0, 1]; grayscale repeated to 3 channels on request.
+
+    2D: (H, W) or (H, W, C). 3D: (D, H, W) (volumes are single-channel, as MedMNIST 3D)."""
     t = torch.from_numpy(np.ascontiguousarray(image))
-    t = t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+    if t.ndim == spatial_dims:
+        t = t.unsqueeze(0)
+    elif spatial_dims == 2:
+        t = t.permute(2, 0, 1)
+    else:
+        raise ValueError(f"a volume must be (D, H, W), got shape {tuple(image.shape)}")
     t = t.float().div_(255.0)
     if as_rgb and t.shape[0] == 1:
-        t = t.expand(3, -1, -1)
+        t = t.expand(3, *t.shape[1:])
     return t
 
 
 def fit_to_size(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
-    """Bring a (C, H, W) tensor to (C, size, size).
+    """Bring a (C, H, W) image or (C, D, H, W) volume to side ``size`` on every spatial axis.
 
-    ``resize``: bilinear (antialiased when shrinking), aspect ratio not kept. ``pad``: keep the
-    aspect ratio: an image larger than ``size`` is first shrunk so its longer side is ``size``,
-    then centred on a zero (black) square.
+    ``resize``: bilinear / trilinear (antialiased when shrinking an image; a volume's axes that
+    shrink by more than 2x are area-averaged first, as 3D interpolation has no antialiasing),
+    aspect ratio not kept. ``pad``: keep the aspect ratio: an input larger than ``size`` is first shrunk so
+    its longest side is ``size``, then centred on zeros (black).
     """
-    h, w = x.shape[-2:]
-    if h == size and w == size:
+    shape = tuple(x.shape[1:])
+    if all(s == size for s in shape):
         return x
     if mode == "pad":
-        if h > size or w > size:
-            scale = size / max(h, w)
-            h, w = max(1, round(h * scale)), max(1, round(w * scale))
-            x = _resize(x, h, w)
-        top, left = (size - h) // 2, (size - w) // 2
-        return F.pad(x, (left, size - w - left, top, size - h - top))
-    return _resize(x, size, size)
+        if max(shape) > size:
+            scale = size / max(shape)
+            shape = tuple(max(1, round(s * scale)) for s in shape)
+            x = _resize(x, shape)
+        pads: list[int] = []
+        for s in reversed(shape):  # F.pad lists the last axis first
+            before = (size - s) // 2
+            pads += [before, size - s - before]
+        return F.pad(x, pads)
+    return _resize(x, (size,) * len(shape))
 
 
-def _resize(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    shrink = h < x.shape[-2] or w < x.shape[-1]
+def _resize(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    if len(shape) == 3:
+        old_shape = tuple(x.shape[1:])
+        v = x.unsqueeze(0)
+        if any(old > 2 * new for new, old in zip(shape, old_shape, strict=True)):
+            # area-average the axes that shrink (no aliasing), leave the others for trilinear
+            shrunk = tuple(min(new, old) for new, old in zip(shape, old_shape, strict=True))
+            v = F.interpolate(v, size=shrunk, mode="area")
+        if tuple(v.shape[2:]) != shape:
+            v = F.interpolate(v, size=shape, mode="trilinear", align_corners=False)
+        return v[0]
+    shrink = any(new < old for new, old in zip(shape, x.shape[1:], strict=True))
     return F.interpolate(
-        x.unsqueeze(0), size=(h, w), mode="bilinear", antialias=shrink, align_corners=False
+        x.unsqueeze(0), size=shape, mode="bilinear", antialias=shrink, align_corners=False
     )[0]
 
 
@@ -66,6 +87,15 @@ def fit_image(image: np.ndarray, size: int, mode: str) -> np.ndarray:
     x = fit_to_size(to_tensor(image, as_rgb=False), size, mode)
     out = x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
     return out[0].numpy() if image.ndim == 2 else out.permute(1, 2, 0).contiguous().numpy()
+
+
+def fit_volume(volume: np.ndarray, size: int, mode: str) -> np.ndarray:
+    """A uint8 (D, H, W) volume at size³ by the rule of :func:`fit_to_size` (how a source of
+    volumes of any shape stores them at the dataset's size)."""
+    if all(s == size for s in volume.shape):
+        return volume
+    x = fit_to_size(to_tensor(volume, as_rgb=False, spatial_dims=3), size, mode)
+    return x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)[0].numpy()
 
 
 def fit_mask(mask: torch.Tensor, size: int, mode: str) -> torch.Tensor:
@@ -100,6 +130,7 @@ class Preprocess:
 
     ``load_size`` is the size the dataset stores its images at: an image of another size (a file
     given to ``predict.py``) is fitted to it first, as a source fits the files it reads.
+    ``spatial_dims`` 3: inputs are uint8 (D, H, W) volumes, fitted to ``input_size``³.
     """
 
     def __init__(
@@ -110,16 +141,30 @@ class Preprocess:
         std: Sequence[float],
         fit: str = "resize",
         load_size: int | None = None,
+        spatial_dims: int = 2,
     ):
         if fit not in FIT_MODES:
             raise ConfigError(f"data.fit must be one of {FIT_MODES}, got {fit!r}")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         self.input_size, self.as_rgb, self.fit = input_size, as_rgb, fit
-        self.load_size = load_size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.load_size, self.spatial_dims = load_size, spatial_dims
+        view = (-1,) + (1,) * spatial_dims
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(view)
+        self.std = torch.tensor(std, dtype=torch.float32).view(view)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One input without the batch axis: (C, S, S) or (C, S, S, S)."""
+        return (self.mean.numel(),) + (self.input_size,) * self.spatial_dims
 
     def prepare(self, image: np.ndarray) -> torch.Tensor:
         """Float [0, 1] at the input size: where augmentation happens (black fill stays black)."""
+        if self.spatial_dims == 3:
+            if self.load_size:
+                image = fit_volume(image, self.load_size, self.fit)
+            x = to_tensor(image, self.as_rgb, spatial_dims=3)
+            return fit_to_size(x, self.input_size, self.fit)
         if self.load_size:
             image = fit_image(image, self.load_size, self.fit)
         return fit_to_size(to_tensor(image, self.as_rgb), self.input_size, self.fit)
@@ -162,15 +207,23 @@ class Preprocess:
             "as_rgb": self.as_rgb,
             "fit": self.fit,
             "load_size": self.load_size,
+            "spatial_dims": self.spatial_dims,
             "mean": self.mean.flatten().tolist(),
             "std": self.std.flatten().tolist(),
         }
 
 
-def build_augment(cfg: dict | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """Training augmentation from ``data.augment``; None or ``enabled: false`` turns it off."""
+def build_augment(
+    cfg: dict | None, spatial_dims: int = 2, seed: int | None = None, size: int | None = None
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """Training augmentation from ``data.augment``; None or ``enabled: false`` turns it off.
+    Volumes get the same keys' 3D meaning (:mod:`medlite.data.augment_3d`, MONAI)."""
     if not cfg or not cfg.get("enabled", True):
         return None
+    if spatial_dims == 3:
+        from medlite.data.augment_3d import build_augment_3d
+
+        return build_augment_3d(cfg, seed=seed, size=size)
     ops: list[torch.nn.Module] = []
     if cfg.get("hflip", 0):
         ops.append(T.RandomHorizontalFlip(float(cfg["hflip"])))

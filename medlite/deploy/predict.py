@@ -6,6 +6,11 @@ is resized, channel-matched and normalised exactly as in training. Nothing here 
 connection or logs anywhere but the local console: patient images never leave the machine.
 A file that can't be read becomes an error row; the other files of a folder still run.
 
+A volume run (a 3D model) takes NIfTI files and DICOM series folders
+(:mod:`medlite.data.volumes`): each is read, resampled and fitted to the training size by the
+rule the folder source used, then classified: one probability row per volume. A 2D model given a
+volume, or a 3D model given a 2D image, gets an error row saying so.
+
 A segmentation run writes, per input ``<name>.<ext>``, into the output folder (mirroring the
 input folder's sub-folders): ``<name>_mask.png`` (class indices, the input's size),
 ``<name>_overlay.png`` (the image with the predicted classes tinted and outlined) and, for a
@@ -26,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medlite.data import volumes
 from medlite.data.readers import InputError, conform_channels, list_inputs, read_image
 from medlite.deploy import masks as seg
 from medlite.deploy.export import FILE_NAMES
@@ -99,7 +105,16 @@ class Predictor:
         return OrtModel(path)
 
     def preprocess(self, path: Path) -> tuple[torch.Tensor, tuple[int, ...]]:
-        """File -> the (1, C, H, W) tensor the model was trained on, and the file's own shape."""
+        """File -> the (1, C, H, W) tensor the model was trained on, and the file's own shape
+        ((1, C, D, H, W) for a volume model)."""
+        if self.run.spatial_dims == 3:
+            vol = volumes.read_volume(path)
+            pre = self.run.preprocess
+            # as the folder source stores volumes: at the dataset's size, by the same rule
+            array = volumes.fit_volume(
+                vol.array, pre.load_size or pre.input_size, pre.fit, spacing=vol.spacing
+            )
+            return pre(array).unsqueeze(0), tuple(vol.array.shape)
         image = read_image(path)
         shape = tuple(image.shape)
         image = conform_channels(image, self.run.in_chans, path)
@@ -191,7 +206,11 @@ class Predictor:
         (:func:`medlite.deploy.masks.output_names`).
         """
         target = Path(target)
-        paths = list_inputs(target)
+        paths = (
+            volumes.list_volume_inputs(target)
+            if self.run.spatial_dims == 3
+            else list_inputs(target)
+        )
         names = seg.output_names(paths, target if target.is_dir() else target.parent)
         if progress and len(paths) > 20:
             from rich.progress import track

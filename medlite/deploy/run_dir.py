@@ -87,6 +87,7 @@ class TrainedRun:
             spec["std"],
             spec.get("fit", "resize"),
             load_size=spec.get("load_size"),
+            spatial_dims=self.spatial_dims,
         )
 
     @property
@@ -94,9 +95,14 @@ class TrainedRun:
         return len(self.data["preprocess"]["mean"])
 
     @property
-    def input_shape(self) -> tuple[int, int, int]:
+    def input_shape(self) -> tuple[int, ...]:
         size = int(self.data["preprocess"]["input_size"])
-        return (self.in_chans, size, size)
+        return (self.in_chans,) + (size,) * self.spatial_dims
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 (images) or 3 (volumes); runs saved before volumes existed are 2D."""
+        return int(self.data["preprocess"].get("spatial_dims", 2))
 
     @property
     def name(self) -> str:

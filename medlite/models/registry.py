@@ -24,6 +24,7 @@ class ModelEntry:
     min_size: int  # smallest input side the model handles without adaptation
     description: str
     task: str = "classification"  # classification (N, K) or segmentation (N, K, H, W) output
+    dims: int = 2  # spatial dimensions of the input: 2 (N, C, H, W) or 3 (N, C, D, H, W)
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -36,18 +37,21 @@ def register_model(
     min_size: int = 28,
     description: str = "",
     task: str = "classification",
+    dims: int = 2,
 ) -> Callable:
     """Register ``constructor(num_classes, in_chans, img_size, **kw) -> nn.Module``."""
     if paradigm not in PARADIGMS:
         raise ValueError(f"paradigm must be one of {PARADIGMS}, got {paradigm!r}")
     if task not in TASK_KINDS:
         raise ValueError(f"task must be one of {TASK_KINDS}, got {task!r}")
+    if dims not in (2, 3):
+        raise ValueError(f"dims must be 2 or 3, got {dims!r}")
 
     def wrap(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} registered twice")
         _REGISTRY[name] = ModelEntry(
-            name, fn, paradigm, min_size, description or (fn.__doc__ or "").strip(), task
+            name, fn, paradigm, min_size, description or (fn.__doc__ or "").strip(), task, dims
         )
         return fn
 

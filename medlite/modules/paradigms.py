@@ -13,6 +13,7 @@ from medlite.modules.base import MedliteModule
 # Token-mixing parameters that regularisation should not shrink.
 _TRANSFORMER_NO_DECAY = (
     "pos_embed",
+    "position_embeddings",  # MONAI's name (vit3d)
     "cls_token",
     "dist_token",
     "relative_position_bias_table",

@@ -283,7 +283,7 @@ def test_bad_fit_mode(tmp_path):
     [
         (lambda d: MedMNISTSource("breastmnits", data_dir=d), "Did you mean 'breastmnist'"),
         (lambda d: MedMNISTSource("breastmnist", size=100, data_dir=d), "data.size=100"),
-        (lambda d: MedMNISTSource("adrenalmnist3d", data_dir=d), "3D"),
+        (lambda d: MedMNISTSource("adrenalmnist3d", size=32, data_dir=d), "valid sizes: 28, 64"),
         (lambda d: SyntheticSource("synthlesion", size=27, cache_dir=d), "data.size=27"),
         (lambda d: SyntheticSource("nosuch", cache_dir=d), "unknown synthetic"),
     ],
@@ -295,10 +295,12 @@ def test_sources_check_their_settings_before_reading(tmp_path, make, match):
     assert not (tmp_path / "nothing-here").exists()
 
 
-def test_synthetic_volumes_are_refused_by_the_2d_datamodule(tmp_path):
-    dm = DataModule(SyntheticSource("synthlesion3d", cache_dir=str(tmp_path)))
-    with pytest.raises(ConfigError, match="3D volumes"):
-        dm.setup()
+def test_synthetic_volumes_are_served_as_volumes(tmp_path):
+    dm = DataModule(SyntheticSource("synthlesion3d", cache_dir=str(tmp_path)), batch_size=4)
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 1, 28, 28, 28) and dm.input_shape == (1, 28, 28, 28)
+    assert dm.describe()["spatial_dims"] == 3 and y.shape == (4, 1)
 
 
 def test_class_counts_and_balance_table(shared_data, tmp_path):

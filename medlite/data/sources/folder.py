@@ -1,4 +1,5 @@
-"""Your own images: a folder of PNG/JPEG/BMP/TIFF, DICOM or 2D NIfTI files with their labels.
+"""Your own images or volumes: a folder of PNG/JPEG/BMP/TIFF, DICOM or 2D NIfTI files, or of 3D
+volumes (NIfTI files, DICOM series folders), with their labels.
 
 Three layouts are recognised (``root`` is ``data.root``):
 
@@ -23,6 +24,12 @@ all fail loudly, once, with every affected file listed; ``data.skip_bad=true`` t
 per-file problems into a listed skip instead. Images are read once, fitted to ``data.size``
 (``data.fit``) and kept in memory as one uint8 array per split, exactly like a MedMNIST file:
 BreastMNIST saved as PNGs with a ``labels.csv`` trains bit-identically to the ``.npz``.
+
+Volumes (``data.dims=3``, or found automatically when the listed entries are NIfTI volumes or
+DICOM series folders): each entry is one volume read by :func:`medlite.data.volumes.read_volume`
+(a CSV's ``image`` names the NIfTI file or the series folder; a class folder holds NIfTI files
+and/or one folder per series), resampled to isotropic voxels for ``fit: pad`` and fitted to
+``data.size``³ (default 64 for volumes, 128 for images).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from medlite.data import volumes
 from medlite.data.readers import is_supported, read_image
 from medlite.data.sources.base import SPLITS, DataSource, SourceInfo, Split
 from medlite.data.splits import check_fractions, stratified_split
@@ -82,7 +90,7 @@ class FolderSettings:
     split_seed: int
     channels: int | None
     skip_bad: bool
-    size: int
+    size: int | None  # None: the source's default
     fit: str
 
     @classmethod
@@ -124,7 +132,7 @@ class FolderSettings:
             split_seed=_integer(split_seed, "data.split_seed", low=0),
             channels=None if channels is None else int(channels),
             skip_bad=skip_bad,
-            size=_integer(size, "data.size", low=8),
+            size=None if size is None else _integer(size, "data.size", low=8),
             fit=fit,
         )
 
@@ -155,14 +163,22 @@ class FolderSource(DataSource):
         split_seed: int = 0,
         channels: int | None = None,
         skip_bad: bool = False,
-        size: int = 128,
+        size: int | None = None,
         fit: str = "resize",
         name: str | None = None,
+        dims: int | None = None,
     ) -> None:
         super().__init__()
         settings = FolderSettings.check(
             root, csv, split, split_seed, channels, skip_bad, size, fit, holds="your images"
         )
+        if dims is not None and (isinstance(dims, bool) or dims not in (2, 3)):
+            raise ConfigError(
+                f"data.dims must be null (found from the files), 2 (images) or 3 (volumes), "
+                f"got {dims!r}"
+            )
+        self.dims = dims
+        self.spatial_dims = dims or 2
         self.root, self.csv, self.fractions = settings.root, settings.csv, settings.fractions
         self.split_seed, self.channels = settings.split_seed, settings.channels
         self.skip_bad, self.size, self.fit = settings.skip_bad, settings.size, settings.fit
@@ -231,7 +247,11 @@ class FolderSource(DataSource):
     def _read_info(self) -> SourceInfo:
         self.load()  # channels are only known once every image is read
         return SourceInfo(
-            name=self.name, task=self.task, channels=int(self._channels), size=self.size
+            name=self.name,
+            task=self.task,
+            channels=int(self._channels),
+            size=self.size,
+            spatial_dims=self.spatial_dims,
         )
 
     def _load(self) -> dict[str, Split]:
@@ -243,6 +263,12 @@ class FolderSource(DataSource):
         failures included, and reported together: one run tells the user everything to fix.
         """
         entries = self._list_entries()
+        if self.dims is None and self._finds_volumes(entries):
+            self.spatial_dims = 3
+            if self.layout != "csv":  # a series folder is one entry, not one per slice file
+                entries = self._list_entries()
+        if self.size is None:
+            self.size = 64 if self.spatial_dims == 3 else 128
         self.n_listed = len(entries)
         if not entries:
             raise DataError(f"{self._where()}: no images listed; {_LAYOUT_HELP}")
@@ -252,10 +278,11 @@ class FolderSource(DataSource):
         self.task = get_task(task_type, classes)
         multilabel = task_type == MULTILABEL
         log.info(
-            "folder %s: %s layout, %d images listed; task %s; classes: %s",
+            "folder %s: %s layout, %d %s listed; task %s; classes: %s",
             self.root,
             self.layout,
             len(entries),
+            "volumes" if self.spatial_dims == 3 else "images",
             task_type,
             ", ".join(classes),
         )
@@ -302,6 +329,8 @@ class FolderSource(DataSource):
             "task": self.task.type,
             "classes": list(self.task.labels),
         }
+        if self.spatial_dims == 3:
+            settings["dims"] = 3
         h.update(json.dumps(settings, sort_keys=True).encode())
         stats = {image: (size, mtime) for image, size, mtime in self._stats}
         for image, split, label, _ in self._records:
@@ -338,6 +367,27 @@ class FolderSource(DataSource):
             return entries
         return self._class_folder_entries(self.root, split=None)
 
+    def _finds_volumes(self, entries: list[_Entry]) -> bool:
+        """Whether the first listed entries (or, for class folders, the first items of the first
+        class folders) are volumes: NIfTI files with 3 axes, DICOM series folders."""
+        probe = [self.root / e.image for e in entries[:20] if e.image]
+        if self.layout != "csv":
+            classes = [c for split in self._top_folders() for c in _subfolders(split)][:3]
+            probe += [p for c in classes for p in sorted(c.iterdir())[:5]]
+        return any(volumes.is_volume_input(p) for p in probe)
+
+    def _top_folders(self) -> list[Path]:
+        return _subfolders(self.root) if self.layout == "split_folders" else [self.root]
+
+    def _items(self, class_dir: Path) -> list[Path]:
+        """A class folder's images, or its volumes (NIfTI files, series folders)."""
+        if self.spatial_dims == 2:
+            return _walk_images(class_dir)
+        try:
+            return volumes.list_volume_inputs(class_dir)
+        except DataError:  # an empty class folder
+            return []
+
     def _class_folder_entries(self, folder: Path, split: str | None) -> list[_Entry]:
         """One entry per supported file under each class sub-folder, sorted by path."""
         loose = [p.name for p in _files(folder) if is_supported(p)]
@@ -352,7 +402,7 @@ class FolderSource(DataSource):
         entries = []
         for class_dir in _subfolders(folder):
             self._folder_classes.append(class_dir.name)
-            for path in _walk_images(class_dir):
+            for path in self._items(class_dir):
                 image = path.relative_to(self.root).as_posix()
                 entries.append(_Entry(image=image, label=class_dir.name, split=split))
         return sorted(entries, key=lambda e: e.image)
@@ -509,7 +559,7 @@ class FolderSource(DataSource):
             except OSError as err:
                 problems[i] = f"cannot be read ({err.strerror or err})"
                 continue
-            if path.is_dir():
+            if path.is_dir() and self.spatial_dims == 2:
                 problems[i] = "is a folder, not an image file"
                 continue
             stats[i] = (st.st_size, st.st_mtime_ns)
@@ -628,6 +678,8 @@ class FolderSource(DataSource):
         """Read, check and fit every listed file still without a problem."""
         todo = [i for i in range(len(entries)) if i not in problems]
         images: dict[int, np.ndarray] = {}
+        if self.spatial_dims == 3:
+            return self._read_volumes(entries, todo, problems)
         with _progress() as progress:
             bar = progress.add_task("reading images", total=len(todo))
             for i in todo:
@@ -648,6 +700,21 @@ class FolderSource(DataSource):
                     images[i] = fit_image(image, self.size, self.fit)
                 progress.advance(bar)
         return images
+
+    def _read_volumes(self, entries, todo, problems: dict[int, str]) -> dict[int, np.ndarray]:
+        """Read and fit every volume still without a problem (one channel, as CT/MRI)."""
+        out: dict[int, np.ndarray] = {}
+        with _progress() as progress:
+            bar = progress.add_task("reading volumes", total=len(todo))
+            for i in todo:
+                path = self.root / entries[i].image
+                try:
+                    vol = volumes.read_volume(path)
+                    out[i] = volumes.fit_volume(vol.array, self.size, self.fit, spacing=vol.spacing)
+                except DataError as err:
+                    problems[i] = str(err).removeprefix(f"{path}: ")
+                progress.advance(bar)
+        return out
 
     def _handle_problems(self, entries, problems: dict[int, str]) -> None:
         """One DataError listing the per-file problems, or (skip_bad) a logged skip list."""
@@ -681,6 +748,10 @@ class FolderSource(DataSource):
 
     def _decide_channels(self, entries, alive, images) -> int:
         """1 or 3 channels: as asked, else as the images are (mixed is an error)."""
+        if self.spatial_dims == 3:
+            if self.channels == 3:
+                raise ConfigError("data.channels=3: volumes are single-channel; use null or 1")
+            return 1
         if self.channels is not None:
             return self.channels
         colour = [i for i in alive if images[i].ndim == 3]
@@ -699,7 +770,7 @@ class FolderSource(DataSource):
         """One uint8 array per split (stored images are freed as they are copied), labels,
         ids, and the records splits.csv and the fingerprint are made of."""
         multilabel = self.task.type == MULTILABEL
-        shape = (self.size, self.size) + ((3,) if self._channels == 3 else ())
+        shape = (self.size,) * self.spatial_dims + ((3,) if self._channels == 3 else ())
         out = {}
         for s in SPLITS:
             idx = [i for i in alive if split_of[i] == s]

@@ -114,7 +114,8 @@ class FolderSegSource(DataSource):
         )
         self.root, self.csv, self.fractions = settings.root, settings.csv, settings.fractions
         self.split_seed, self.channels = settings.split_seed, settings.channels
-        self.skip_bad, self.size, self.fit = settings.skip_bad, settings.size, settings.fit
+        self.skip_bad, self.fit = settings.skip_bad, settings.fit
+        self.size = settings.size or 256
         self.images_dir = _child(self.root, "images")
         self.masks_dir = _child(self.root, "masks")
         if self.csv and self.csv != DEFAULT_CSV and not (self.root / self.csv).is_file():

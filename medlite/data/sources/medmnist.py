@@ -1,4 +1,4 @@
-"""MedMNIST v2 (2D): the official ``.npz`` files, md5-checked, downloaded on request.
+"""MedMNIST v2 (2D images and 3D volumes): the official ``.npz`` files, md5-checked, downloaded on request.
 
 The file layer (find, verify, download, load) is :mod:`medlite.data.medmnist`; this source adds
 what a run needs around it: settings checked up front, the task from ``medmnist.INFO``, and the
@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 class MedMNISTSource(DataSource):
-    """One official MedMNIST 2D dataset at one size, with its official splits."""
+    """One official MedMNIST dataset (2D, or 3D for the ``*mnist3d`` flags) at one size, with
+    its official splits."""
 
     kind = "medmnist"
 
@@ -39,11 +40,7 @@ class MedMNISTSource(DataSource):
             )
         self.meta = medmnist.get_info(flag)  # unknown flag -> ConfigError with suggestions
         self.flag = str(flag).strip().lower()
-        if self.flag.endswith("3d"):
-            raise ConfigError(
-                f"{self.flag} is a 3D (volume) dataset; medlite trains on 2D images so far. "
-                f"Choose a 2D flag: {', '.join(medmnist.flags_2d())}"
-            )
+        self.spatial_dims = 3 if self.flag.endswith("3d") else 2
         sizes = medmnist.valid_sizes(self.flag)
         if isinstance(size, bool) or size not in sizes:
             raise ConfigError(
@@ -62,6 +59,7 @@ class MedMNISTSource(DataSource):
             task=get_task(self.meta["task"], _label_names(self.meta)),
             channels=int(self.meta["n_channels"]),
             size=self.size,
+            spatial_dims=self.spatial_dims,
         )
 
     def _load(self) -> dict[str, Split]:

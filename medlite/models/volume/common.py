@@ -1,0 +1,72 @@
+"""Size policies and small layers the 3D models share.
+
+A volume of side s has s^3 voxels, so the first feature map's side drives the cost cubically:
+every model here picks its stem stride (or patch) from ``img_size`` so that 28^3 and 64^3 inputs
+land on maps of similar side instead of costing 12x more at 64.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+
+def stride_for(img_size: int, max_side: int, min_stride: int = 1) -> int:
+    """Smallest power-of-two stride >= ``min_stride`` leaving a map of at most ``max_side``."""
+    stride = min_stride
+    while -(-img_size // stride) > max_side:
+        stride *= 2
+    return stride
+
+
+def reduced_side(img_size: int, stride: int) -> int:
+    """Side after ``log2(stride)`` stride-2 convs with padding 1 (odd sides round up)."""
+    side = img_size
+    while stride > 1:
+        side, stride = -(-side // 2), stride // 2
+    return side
+
+
+def conv_bn_act(
+    cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1, act: bool = True
+) -> nn.Sequential:
+    """Conv3d (no bias) + BatchNorm3d (+ SiLU)."""
+    layers: list[nn.Module] = [
+        nn.Conv3d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+        nn.BatchNorm3d(cout),
+    ]
+    if act:
+        layers.append(nn.SiLU(inplace=True))
+    return nn.Sequential(*layers)
+
+
+def conv_stem_3d(in_chans: int, dim: int, stride: int) -> nn.Sequential:
+    """``log2(stride)`` overlapping 3^3 stride-2 convs -> (N, dim, D/s, H/s, W/s).
+
+    The 3D counterpart of :func:`medlite.models.linear.vim.conv_stem`: token models train from
+    scratch on a few hundred volumes far better with an overlapping conv stem than with one
+    stride-p patch conv. The last conv has no activation (the tokens are normalised next).
+    """
+    n_convs = int(math.log2(stride)) if stride >= 2 else 0
+    if 2**n_convs != stride:
+        raise ValueError(f"the stem stride / patch size must be a power of two >= 2, got {stride}")
+    layers: list[nn.Module] = []
+    cin = in_chans
+    for i in range(n_convs):
+        last = i == n_convs - 1
+        cout = dim if last else max(16, dim // 2)
+        layers += [nn.Conv3d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm3d(cout)]
+        if not last:
+            layers.append(nn.GELU())
+        cin = cout
+    return nn.Sequential(*layers)
+
+
+def init_convs(model: nn.Module) -> None:
+    """Kaiming fan-out init of every Conv3d (as LiteCNN's convs): stable from scratch with BN."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv3d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
