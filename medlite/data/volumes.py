@@ -149,12 +149,20 @@ def _is_dicom_file(path: Path) -> bool:
 
 def is_volume_input(path: str | os.PathLike) -> bool:
     """Whether ``path`` belongs to :func:`read_volume` rather than the 2D reader: a folder
-    with DICOM files, a NIfTI file with 3 or more axes longer than 1, a multi-frame DICOM."""
+    holding a cross-sectional series (2 or more DICOM files, the first with a slice position,
+    so a folder of 2D radiographs is not taken for one), a NIfTI file with 3 or more axes
+    longer than 1, a multi-frame DICOM."""
     path = Path(path).expanduser()
     if path.is_dir():
         try:
-            return any(_is_dicom_file(p) for p in path.iterdir())
-        except OSError:
+            files = [p for p in sorted(path.iterdir()) if _is_dicom_file(p)]
+            if len(files) < 2:
+                return False
+            import pydicom
+
+            ds = pydicom.dcmread(files[0], stop_before_pixels=True, force=True)
+            return "ImagePositionPatient" in ds or _frame_count(ds) > 1
+        except Exception:  # noqa: BLE001 - unreadable: the reader says what is wrong with it
             return False
     if not path.is_file():
         return False

@@ -105,3 +105,18 @@ def test_dims_setting_is_checked_and_2d_stays_2d(tmp_path):
     src = FolderSource(str(tmp_path))
     src.load()
     assert src.info.spatial_dims == 2 and src.size == 128
+
+
+def test_folders_of_2d_dicom_radiographs_stay_images(tmp_path):
+    """Class/patient folders of 2D DICOM images (no slice positions) are not series."""
+    from tests.helpers import write_dicom
+
+    for i in range(8):
+        folder = tmp_path / ("a" if i % 2 else "b") / f"patient{i}"
+        folder.mkdir(parents=True)
+        for j in range(2):
+            write_dicom(folder / f"view{j}.dcm", np.full((16, 16), 30 * i + j, np.uint8))
+    src = FolderSource(str(tmp_path), size=16)
+    splits = src.load()
+    assert src.info.spatial_dims == 2
+    assert sum(len(s) for s in splits.values()) == 16

@@ -264,6 +264,11 @@ class FolderSource(DataSource):
         """
         entries = self._list_entries()
         if self.dims is None and self._finds_volumes(entries):
+            log.info(
+                "folder %s: found volumes (NIfTI / DICOM series); data.dims=2 to read "
+                "images instead",
+                self.root,
+            )
             self.spatial_dims = 3
             if self.layout != "csv":  # a series folder is one entry, not one per slice file
                 entries = self._list_entries()
