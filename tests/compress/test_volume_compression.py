@@ -24,7 +24,8 @@ SMALL = ["data=synthlesion3d", "model=mobilenetv2_3d", "data.augment.enabled=fal
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("vol_compress")
-    torch.set_num_threads(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # restored below: later in-process runs must not inherit it
     model, ctx = model_and_context(out, SMALL, seed=0)
     task = ctx.datamodule.task
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -35,6 +36,7 @@ def trained(tmp_path_factory):
         loss.backward()
         opt.step()
     model.eval()
+    torch.set_num_threads(threads)
     return model, ctx
 
 

@@ -45,8 +45,12 @@ def vol_run(tmp_path_factory, shared_data) -> Path:
             "export=all",
         ],
     )
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    run(cfg)
+    try:
+        run(cfg)
+    finally:
+        torch.set_num_threads(threads)  # later in-process runs must not inherit it
     res = json.loads((out / "results.json").read_text())
     assert res["status"] == "ok", res.get("error")
     return out
