@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -553,6 +554,14 @@ def conform_channels(image: np.ndarray, in_chans: int, path: str | os.PathLike) 
 
 
 # --------------------------------------------------------------------------------- listing
+def walk_visible(path: Path) -> Iterator[tuple[Path, list[str]]]:
+    """Each folder under ``path`` (recursively; callers sort) with its file names, hidden files
+    and folders (names starting with ".") left out."""
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        yield Path(root), [n for n in files if not n.startswith(".")]
+
+
 def list_inputs(path: str | os.PathLike) -> list[Path]:
     """The image files to predict on: a file as given, or a folder's supported files.
 
@@ -565,11 +574,10 @@ def list_inputs(path: str | os.PathLike) -> list[Path]:
     if not path.is_dir():
         return [path]
     found: list[Path] = []
-    for root, dirs, files in os.walk(path):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        for name in files:
-            file = Path(root) / name
-            if not name.startswith(".") and file.is_file() and is_supported(file):
+    for folder, names in walk_visible(path):
+        for name in names:
+            file = folder / name
+            if file.is_file() and is_supported(file):
                 found.append(file)
     if not found:
         raise InputError(

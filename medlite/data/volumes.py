@@ -60,6 +60,7 @@ from medlite.data.readers import (
     _has_dicom_magic,
     _range_to_uint8,
     _valid_voi_lut,
+    walk_visible,
 )
 
 log = logging.getLogger(__name__)
@@ -196,10 +197,7 @@ def list_volume_inputs(path: str | os.PathLike) -> list[Path]:
     if not path.is_dir():
         return [path]
     found: list[Path] = []
-    for root, dirs, files in os.walk(path):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
-        folder = Path(root)
-        names = [n for n in files if not n.startswith(".")]
+    for folder, names in walk_visible(path):
         found += [folder / n for n in names if n.lower().endswith(NIFTI_SUFFIXES)]
         if any(_is_dicom_file(folder / n) for n in names):
             found.append(folder)
@@ -814,6 +812,13 @@ def _order_by_instance(slices: list[_Slice], where: Path, warn: bool, pixel: np.
 
 
 # ------------------------------------------------------------------------------ fitting
+def read_fitted(path: str | os.PathLike, size: int, mode: str) -> tuple[np.ndarray, tuple]:
+    """A volume as a dataset stores it: read, then fitted to ``size``³ with its spacing (the
+    one rule the folder source and ``predict.py`` share); also its shape as read."""
+    vol = read_volume(path)
+    return fit_volume(vol.array, size, mode, spacing=vol.spacing), tuple(vol.array.shape)
+
+
 def fit_volume(
     array: np.ndarray,
     size: int,

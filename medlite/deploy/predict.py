@@ -108,13 +108,9 @@ class Predictor:
         """File -> the (1, C, H, W) tensor the model was trained on, and the file's own shape
         ((1, C, D, H, W) for a volume model)."""
         if self.run.spatial_dims == 3:
-            vol = volumes.read_volume(path)
             pre = self.run.preprocess
-            # as the folder source stores volumes: at the dataset's size, by the same rule
-            array = volumes.fit_volume(
-                vol.array, pre.load_size or pre.input_size, pre.fit, spacing=vol.spacing
-            )
-            return pre(array).unsqueeze(0), tuple(vol.array.shape)
+            array, shape = volumes.read_fitted(path, pre.load_size or pre.input_size, pre.fit)
+            return pre(array).unsqueeze(0), shape
         image = read_image(path)
         shape = tuple(image.shape)
         image = conform_channels(image, self.run.in_chans, path)

@@ -714,8 +714,7 @@ class FolderSource(DataSource):
             for i in todo:
                 path = self.root / entries[i].image
                 try:
-                    vol = volumes.read_volume(path)
-                    out[i] = volumes.fit_volume(vol.array, self.size, self.fit, spacing=vol.spacing)
+                    out[i], _ = volumes.read_fitted(path, self.size, self.fit)
                 except DataError as err:
                     problems[i] = str(err).removeprefix(f"{path}: ")
                 progress.advance(bar)

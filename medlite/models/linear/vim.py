@@ -171,8 +171,9 @@ class VimBlock(nn.Module):
         return x + self.drop_path(self.mixer(self.norm(x)))
 
 
-def conv_stem(in_chans: int, dim: int, stride: int) -> nn.Sequential:
-    """``log2(stride)`` overlapping 3x3 stride-2 convs (BN, GELU between) -> (batch, dim, H/s, W/s).
+def conv_stem(in_chans: int, dim: int, stride: int, dims: int = 2) -> nn.Sequential:
+    """``log2(stride)`` overlapping 3x3 stride-2 convs (BN, GELU between) -> (batch, dim, H/s, W/s);
+    ``dims=3``: 3^3 convs on volumes -> (batch, dim, D/s, H/s, W/s).
 
     Why not ViT's single stride-p conv: on a few hundred images from scratch, an overlapping
     conv stem gives token models the local inductive bias they lack and trains much faster
@@ -186,7 +187,8 @@ def conv_stem(in_chans: int, dim: int, stride: int) -> nn.Sequential:
     for i in range(n_convs):
         last = i == n_convs - 1
         cout = dim if last else max(16, dim // 2)
-        layers += [nn.Conv2d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm2d(cout)]
+        conv, norm = (nn.Conv3d, nn.BatchNorm3d) if dims == 3 else (nn.Conv2d, nn.BatchNorm2d)
+        layers += [conv(cin, cout, 3, 2, 1, bias=False), norm(cout)]
         if not last:
             layers.append(nn.GELU())
         cin = cout

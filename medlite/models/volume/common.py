@@ -7,8 +7,6 @@ land on maps of similar side instead of costing 12x more at 64.
 
 from __future__ import annotations
 
-import math
-
 from torch import nn
 
 
@@ -18,14 +16,6 @@ def stride_for(img_size: int, max_side: int, min_stride: int = 1) -> int:
     while -(-img_size // stride) > max_side:
         stride *= 2
     return stride
-
-
-def reduced_side(img_size: int, stride: int) -> int:
-    """Side after ``log2(stride)`` stride-2 convs with padding 1 (odd sides round up)."""
-    side = img_size
-    while stride > 1:
-        side, stride = -(-side // 2), stride // 2
-    return side
 
 
 def conv_bn_act(
@@ -38,28 +28,6 @@ def conv_bn_act(
     ]
     if act:
         layers.append(nn.SiLU(inplace=True))
-    return nn.Sequential(*layers)
-
-
-def conv_stem_3d(in_chans: int, dim: int, stride: int) -> nn.Sequential:
-    """``log2(stride)`` overlapping 3^3 stride-2 convs -> (N, dim, D/s, H/s, W/s).
-
-    The 3D counterpart of :func:`medlite.models.linear.vim.conv_stem`: token models train from
-    scratch on a few hundred volumes far better with an overlapping conv stem than with one
-    stride-p patch conv. The last conv has no activation (the tokens are normalised next).
-    """
-    n_convs = int(math.log2(stride)) if stride >= 2 else 0
-    if 2**n_convs != stride:
-        raise ValueError(f"the stem stride / patch size must be a power of two >= 2, got {stride}")
-    layers: list[nn.Module] = []
-    cin = in_chans
-    for i in range(n_convs):
-        last = i == n_convs - 1
-        cout = dim if last else max(16, dim // 2)
-        layers += [nn.Conv3d(cin, cout, 3, 2, 1, bias=False), nn.BatchNorm3d(cout)]
-        if not last:
-            layers.append(nn.GELU())
-        cin = cout
     return nn.Sequential(*layers)
 
 

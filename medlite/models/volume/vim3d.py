@@ -10,7 +10,7 @@ own ``VimBlock`` (one grouped ``selective_scan`` for both directions), so the sc
 Size policy (:func:`~medlite.models.volume.common.stride_for`): the stem stride (= patch) is the
 smallest power of two >= 4 leaving at most 8 tokens per side: 28^3 -> 4 (7^3 = 343 tokens),
 32 -> 4 (8^3), 48 -> 8 (6^3), 64 -> 8 (8^3 = 512). ``patch_size=`` overrides it. The stem is
-``log2(patch)`` overlapping 3^3 stride-2 convs (:func:`~medlite.models.volume.common.conv_stem_3d`),
+``log2(patch)`` overlapping 3^3 stride-2 convs (:func:`~medlite.models.linear.vim.conv_stem` with ``dims=3``),
 not one stride-p conv, as in 2D Vim. Mean-pooled tokens feed the head.
 
 Defaults (conf/model/vim3d.yaml): dim 64, depth 4, d_state 8, expand 2 -- 0.22 M parameters.
@@ -24,9 +24,9 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from medlite.models.linear.vim import VimBlock
+from medlite.models.linear.vim import VimBlock, conv_stem, stem_output_side
 from medlite.models.registry import register_model
-from medlite.models.volume.common import conv_stem_3d, reduced_side, stride_for
+from medlite.models.volume.common import stride_for
 
 
 class Vim3d(nn.Module):
@@ -49,9 +49,9 @@ class Vim3d(nn.Module):
     ) -> None:
         super().__init__()
         self.patch_size = patch_size or stride_for(img_size, max_side=8, min_stride=4)
-        side = reduced_side(img_size, self.patch_size)
+        side = stem_output_side(img_size, self.patch_size)
         self.grid = (side, side, side)
-        self.stem = conv_stem_3d(in_chans, embed_dim, self.patch_size)
+        self.stem = conv_stem(in_chans, embed_dim, self.patch_size, dims=3)
         self.stem_norm = nn.LayerNorm(embed_dim)
         self.num_tokens = side**3
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, embed_dim))
