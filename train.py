@@ -3,10 +3,6 @@
 import hydra
 from omegaconf import DictConfig
 
-from medlite.sweeps.optuna import register_with_hydra
-
-register_with_hydra()  # hydra.sweeper=medlite_optuna (sweep=optuna_*), see its docstring
-
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:

@@ -78,7 +78,28 @@ def build_datamodule(cfg: DictConfig) -> DataModule:
     """The datamodule of a run: its source plus preprocessing and loading settings."""
     d = cfg.data
     settings = {k: _plain(d.get(k)) for k in DATAMODULE_KEYS if d.get(k) is not None}
-    return DataModule(build_source(cfg), input_size=cfg.model.input_size, **settings)
+    return DataModule(
+        build_source(cfg),
+        input_size=cfg.model.input_size,
+        pretrained_norm=_pretrained_norm(cfg),
+        **settings,
+    )
+
+
+def _pretrained_norm(cfg: DictConfig):
+    """timm's normalisation of the pretrained checkpoint ``model.pretrained=true`` loads (not of a
+    ``pretrained_file``, whose statistics timm does not know), unless data.mean/std are set."""
+    model = cfg.model
+    if not model.get("pretrained") or model.get("pretrained_file"):
+        return None
+    if cfg.data.get("mean") is not None or cfg.data.get("std") is not None:
+        return None
+    from medlite.models import registry
+    from medlite.models.pretrained import pretrained_normalisation
+
+    if registry.get_entry(str(model.arch)) is not None:  # medlite's own: no pretrained weights
+        return None
+    return pretrained_normalisation(str(model.arch))
 
 
 def model_dims(model_cfg: DictConfig) -> int:
@@ -119,9 +140,10 @@ def check_model_task(
 def build_model(
     model_cfg: DictConfig, num_classes: int, in_chans: int, img_size: int
 ) -> torch.nn.Module:
-    """A model (or teacher) config -> nn.Module."""
+    """A model (or teacher) config -> nn.Module. The module carries ``medlite_spec`` (see
+    :func:`model_spec`), which the LightningModule saves with its checkpoints."""
     kwargs = _plain(model_cfg.kwargs) if model_cfg.get("kwargs") else {}
-    return create_model(
+    net = create_model(
         model_cfg.arch,
         num_classes=num_classes,
         in_chans=in_chans,
@@ -130,6 +152,55 @@ def build_model(
         pretrained_file=model_cfg.get("pretrained_file"),
         **kwargs,
     )
+    net.medlite_spec = model_spec(model_cfg, num_classes, in_chans, img_size, net)
+    return net
+
+
+def model_spec(
+    model_cfg: DictConfig, num_classes: int, in_chans: int, img_size: int, net: torch.nn.Module
+) -> dict | None:
+    """What rebuilds ``net`` from its config (``MedliteModule.load_from_checkpoint``), in plain
+    containers (a checkpoint stays loadable with ``weights_only=True``), with the parameter and
+    tensor counts that tell a later, structurally compressed network from this one."""
+    try:
+        config = _plain(model_cfg)
+    except Exception:  # noqa: BLE001 - an unresolvable key: no spec, training goes on
+        return None
+    return {
+        "config": config,
+        "num_classes": int(num_classes),
+        "in_chans": int(in_chans),
+        "img_size": int(img_size),
+        "fingerprint": network_fingerprint(net),
+    }
+
+
+def network_fingerprint(net: torch.nn.Module) -> list[int]:
+    """[parameters, state-dict tensors]: changes when pruning, factorising or quantising
+    reshapes or replaces layers."""
+    return [sum(p.numel() for p in net.parameters()), len(net.state_dict())]
+
+
+#: model kwargs that make a model constructor read files or the network: never from a record
+UNSAFE_MODEL_KWARGS = ("checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def rebuild_model(
+    model_cfg: dict, num_classes: int, in_chans: int, img_size: int
+) -> torch.nn.Module:
+    """The network a recorded model config (a checkpoint's or a compressed model's, possibly from
+    someone else's run) builds: fresh weights, nothing downloaded, and kwargs that would load a
+    file refused; the caller loads its own weights."""
+    cfg = dict(model_cfg)
+    unsafe = sorted(k for k in (cfg.get("kwargs") or {}) if k in UNSAFE_MODEL_KWARGS)
+    if unsafe or ":" in str(cfg.get("arch", "")):
+        raise ConfigError(
+            f"model config {cfg.get('arch')!r} asks to load files or download ({unsafe or 'arch'}"
+            "); a saved model's config must not"
+        )
+    cfg.update(pretrained=False, pretrained_file=None)
+    with torch.random.fork_rng(devices=[]):  # building must not move the run's random stream
+        return build_model(OmegaConf.create(cfg), num_classes, in_chans, img_size)
 
 
 def build_teacher(cfg: DictConfig, datamodule: DataModule) -> torch.nn.Module:

@@ -1,15 +1,28 @@
-"""Config checks that run before any work, so a typo costs seconds, not a training run."""
+"""Config checks that run before any work, so a typo costs seconds, not a training run.
+
+This module imports neither torch nor Lightning at module level: the command line validates
+with it before the heavy stack is loaded (a config mistake fails in about a second).
+"""
 
 from __future__ import annotations
 
+import ast
+import difflib
+import inspect
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from medlite.errors import ConfigError
-from medlite.models.registry import PARADIGMS
-from medlite.tasks import Task
+
+if TYPE_CHECKING:
+    from medlite.tasks import Task
+
+#: ``medlite.models.registry.PARADIGMS``, spelled out so that checking a config does not import
+#: torch (a test keeps the two equal)
+PARADIGMS = ("cnn", "transformer", "linear")
 
 
 def in_multirun() -> bool:
@@ -107,6 +120,107 @@ def validate(cfg: DictConfig) -> None:
     weights = _get(cfg, "loss.class_weights") if OmegaConf.select(cfg, "loss") else None
     if isinstance(weights, str) and weights != "auto":
         raise ConfigError(f"loss.class_weights must be null, auto or a list, got {weights!r}")
+    check_trainer_keys(cfg)
+
+
+def check_trainer_keys(cfg: DictConfig) -> None:
+    """Every ``trainer.*`` key must be an argument of the trainer class: a key added with ``+``
+    (Hydra's hint for a typo, ``+trainer.max_epoch=3``) otherwise fails only when the trainer
+    is built, after the data was loaded."""
+    trainer = OmegaConf.select(cfg, "trainer")
+    if not isinstance(trainer, DictConfig) or "_target_" not in trainer:
+        return
+    target = str(trainer._target_)
+    found = _init_arguments(target)
+    if found is None or found[1]:
+        return  # unknown (fails, with its own message, when built) or takes **kwargs
+    accepted = found[0]
+    for key in trainer:
+        if str(key).startswith("_") or key in accepted:
+            continue
+        close = difflib.get_close_matches(str(key), accepted, n=1)
+        hint = f"; did you mean trainer.{close[0]}?" if close else ""
+        raise ConfigError(f"trainer.{key} is not an argument of {target}{hint}")
+
+
+def _init_arguments(target: str) -> tuple[list[str], bool] | None:
+    """(argument names, takes ``**kwargs``) of class ``target``'s ``__init__``: read from its
+    source (following re-exports) so that no 5 s import of Lightning comes first; imported
+    when the source can't be read that way; None if the class can't be found."""
+    found = _init_arguments_from_source(target)
+    if found is not None:
+        return found
+    try:
+        import hydra.utils
+
+        params = inspect.signature(hydra.utils.get_class(target).__init__).parameters
+    except Exception:  # noqa: BLE001 - a bad target fails, with its own message, when built
+        return None
+    names = [n for n, p in params.items() if n != "self" and p.kind is not p.VAR_POSITIONAL]
+    return names, any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _init_arguments_from_source(target: str, hops: int = 8) -> tuple[list[str], bool] | None:
+    """:func:`_init_arguments` from the source alone: the class's module, or the module a
+    ``from x import Name`` re-export points to (up to ``hops`` of them); nothing runs."""
+    module, _, name = target.rpartition(".")
+    for _ in range(hops):
+        path = _module_source(module)
+        if path is None:
+            return None
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, ValueError):
+            return None
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        origin = None
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef) and node.name == name:
+                init = next(
+                    (
+                        f
+                        for f in node.body
+                        if isinstance(f, ast.FunctionDef) and f.name == "__init__"
+                    ),
+                    None,
+                )
+                if init is None:
+                    return None  # inherited: let inspect find it
+                args = init.args
+                names = [a.arg for a in [*args.posonlyargs, *args.args, *args.kwonlyargs]][1:]
+                return names, args.kwarg is not None
+            if isinstance(node, ast.ImportFrom):
+                for alias in node.names:
+                    if (alias.asname or alias.name) == name:
+                        base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                        prefix = ".".join(base) if node.level else ""
+                        origin = ".".join(p for p in (prefix, node.module or "") if p)
+                        origin_name = alias.name
+        if origin is None:
+            return None
+        module, name = origin, origin_name
+    return None
+
+
+def _module_source(module: str) -> Path | None:
+    """The ``.py`` file of ``module``, found without importing it (or its packages)."""
+    import importlib.util
+
+    top, *rest = module.split(".")
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if not rest:
+        return Path(spec.origin) if spec.origin and spec.origin.endswith(".py") else None
+    for location in spec.submodule_search_locations or ():
+        base = Path(location).joinpath(*rest)
+        for candidate in (base / "__init__.py", base.with_suffix(".py")):
+            if candidate.is_file():
+                return candidate
+    return None
 
 
 def optimized_metric(cfg: DictConfig, task: Task) -> str:

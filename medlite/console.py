@@ -10,16 +10,26 @@ from rich.markup import escape
 
 from medlite.errors import MedliteError
 
+#: columns when the output is not a terminal: wide enough that no table is squeezed
+PIPE_WIDTH = 4000
+
+
+def make_console(stderr: bool = False) -> Console:
+    """The console medlite prints through. In a terminal: rich's own width. Redirected to a
+    file or a pipe (CI logs, ``nohup``, SLURM): no wrapping and full-width tables, so a path
+    stays on one line and a number is never cut to ``11,171…`` by the 80 columns rich assumes
+    (or by a ``COLUMNS`` inherited from the shell that started the job)."""
+    console = Console(stderr=stderr)
+    if console.is_terminal:
+        return console
+    return Console(stderr=stderr, width=PIPE_WIDTH, soft_wrap=True)
+
 
 def quiet_third_party() -> None:
     """Drop library chatter that says nothing about the user's run."""
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-    # the CSV logger shares the run directory with Hydra's files; it only rewrites metrics.csv
-    warnings.filterwarnings(
-        "ignore", message=".*Experiment logs directory .* exists and is not empty.*"
-    )
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 
 

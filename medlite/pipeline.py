@@ -14,9 +14,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+import medlite
 from medlite import config as config_checks
 from medlite import ddp
+from medlite.atomic import disk_full_in
 from medlite.build import build_datamodule, build_model, check_model_task
+from medlite.checkpoints import relative_to_run
 from medlite.compress import RunContext, build_steps
 from medlite.compress.recipe import check_recipe, run_recipe
 from medlite.compress.teacher import obtain_teacher, plan_teacher
@@ -131,6 +134,7 @@ def run(cfg: DictConfig) -> float:
                     cfg, dm, teacher_plan, output_dir, loggers
                 )
             model = run_recipe(cfg, model, dm, steps, ctx, loggers, results, teacher_info)
+            results["model"]["params"] = final_params(model)  # the pruned / factorised network
         else:
             phase = train_phase(
                 cfg,
@@ -142,7 +146,8 @@ def run(cfg: DictConfig) -> float:
             )
             model = phase.module.model
             results["job"]["world_size"] = phase.world_size
-            results.update(best_checkpoint=phase.best_checkpoint, val=phase.val, test=phase.test)
+            best = relative_to_run(phase.best_checkpoint, output_dir)  # a moved run finds it
+            results.update(best_checkpoint=best, val=phase.val, test=phase.test)
             if cfg.profile.enabled:
                 results["efficiency"] = profile_model(
                     model, dm.input_shape, **profile_settings(cfg.profile)
@@ -162,6 +167,10 @@ def run(cfg: DictConfig) -> float:
     except BaseException as err:  # keep a record of crashes and interrupts too
         results["status"] = "failed"
         results["error"] = f"{type(err).__name__}: {err}"
+        full = disk_full_in(err, output_dir)  # e.g. a logger's ENOSPC after a checkpoint's
+        if full is not None:
+            results["error"] = str(full)
+            raise full from err
         raise
     finally:
         results["wall_time_s"] = round(time.time() - start, 2)
@@ -187,6 +196,13 @@ def _original_size_metrics(model, dm) -> dict | None:
     return scores
 
 
+def final_params(model) -> int:
+    """Parameters of the model a run ends with, counted as its efficiency row counts them (an
+    int8 runtime model reports the network it quantises)."""
+    known = getattr(model, "profile_overrides", None) or {}
+    return int(known.get("params", count_parameters(model)))
+
+
 def _optimized(results: dict, metric: str) -> float:
     value = lookup(results, metric)
     if value is None:
@@ -194,7 +210,7 @@ def _optimized(results: dict, metric: str) -> float:
     return float(value)
 
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = medlite.CONF_DIR  # conf/ in a clone, medlite/conf in an installed wheel
 
 
 def run_with_overrides(output_dir: str | Path, overrides: list[str], reuse: bool = False) -> dict:

@@ -8,13 +8,15 @@ import math
 import os
 import platform
 import subprocess
-import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from medlite import atomic
+from medlite.console import make_console
 
 log = logging.getLogger(__name__)
 
@@ -83,19 +85,9 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json(path: str | os.PathLike, data: dict) -> Path:
-    """Write atomically so a crash never leaves half a results file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(data), f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write atomically (:mod:`medlite.atomic`) so a crash or a full disk never leaves half a
+    results file, with the umask's permissions like every other output."""
+    return atomic.write_text(path, json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -115,7 +107,7 @@ def lookup(results: dict, path: str):
 
 def print_summary(results: dict, console: Console | None = None) -> None:
     """The closing table of a run: test (and best validation) metrics, size, and where it all went."""
-    console = console or Console()
+    console = console or make_console()
     data = results.get("data", {})
     name = data.get("name") or data.get("flag")
     title = f"{results.get('model', {}).get('name')} on {name} ({data.get('size')} px)"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from medlite.checkpoints import checkpoint_progress
+from medlite.checkpoints import checkpoint_progress, relative_to_run
 from medlite.errors import ConfigError
 from medlite.outputs import remove_failed_start
 
@@ -42,7 +42,7 @@ class Resume:
 
     def record(self) -> dict:
         return {
-            "checkpoint": str(self.checkpoint),
+            "checkpoint": relative_to_run(self.checkpoint, self.run_dir),
             "epoch": self.epoch,
             "global_step": self.global_step,
             "at": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -124,6 +124,7 @@ def prepare_resume(
             )
         earlier = tuple(previous.get("resumed") or ())
     saved = OmegaConf.load(saved_path)
+    _check_targets(saved, given)
     if saved.get("resume"):
         raise ConfigError(
             f"{saved_path} is the config of a resume command, not of the run: was hydra.run.dir "
@@ -141,7 +142,7 @@ def prepare_resume(
             f"resume={given}: no checkpoints/last.ckpt (the run stopped before its first epoch "
             "ended); start the run again"
         )
-    try:
+    try:  # read weights-only here, before Lightning loads it to continue the fit
         epoch, step = checkpoint_progress(checkpoint)
     except ConfigError as err:
         raise ConfigError(f"resume={given}: {err}") from None
@@ -159,6 +160,71 @@ def prepare_resume(
         os.environ.pop("WANDB_SERVICE", None)
     OmegaConf.set_struct(saved, True)  # as Hydra hands it over: a typo'd key raises
     return saved, Resume(run_dir, checkpoint, epoch, step, wandb_id, earlier)
+
+
+def _targets(node) -> list:
+    """Every ``_target_`` value in a config tree (plain containers)."""
+    if isinstance(node, dict):
+        own = [node["_target_"]] if "_target_" in node else []
+        return own + [t for v in node.values() for t in _targets(v)]
+    if isinstance(node, list):
+        return [t for v in node for t in _targets(v)]
+    return []
+
+
+def _known_targets() -> set:
+    """The classes medlite's own configs instantiate (``conf/**/*.yaml``)."""
+    import medlite
+
+    known: set = set()
+    for path in Path(medlite.CONF_DIR).rglob("*.yaml"):
+        try:
+            known |= {t for t in _targets(OmegaConf.to_container(OmegaConf.load(path))) if t}
+        except Exception:  # noqa: BLE001 - a file that is not a plain config names nothing
+            continue
+    return known
+
+
+def _allowed_bases() -> tuple[type, ...]:
+    """What a saved config may instantiate besides medlite's own config targets: trainer parts
+    (callbacks, loggers, strategies), optimisers and data sources, by their base classes."""
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.loggers import Logger
+    from pytorch_lightning.strategies import Strategy
+
+    from medlite.data.sources import DataSource
+
+    return (pl.Callback, Logger, pl.Trainer, Strategy, torch.optim.Optimizer, DataSource)
+
+
+def _allowed(target: object, known: set) -> bool:
+    if not isinstance(target, str):
+        return False
+    if target in known:
+        return True
+    import hydra
+
+    try:
+        cls = hydra.utils.get_class(target)
+    except Exception:  # noqa: BLE001 - not a class (a function, a missing module): refused
+        return False
+    return isinstance(cls, type) and issubclass(cls, _allowed_bases())
+
+
+def _check_targets(saved: DictConfig, given: str) -> None:
+    """A run folder may come from someone else, and its saved config is instantiated (trainer,
+    callbacks, loggers, optimiser): only the classes medlite's configs name, or classes of those
+    kinds (a Callback, a Logger...), never an arbitrary callable."""
+    known = _known_targets()
+    found = _targets(OmegaConf.to_container(saved, resolve=False))
+    refused = sorted({str(t) for t in found if not _allowed(t, known)})
+    if refused:
+        raise ConfigError(
+            f"resume={given}: its saved config names _target_ {refused[0]}, which is not a "
+            "class medlite instantiates (a callback, logger, strategy, optimiser or data "
+            "source); resume does not run it"
+        )
 
 
 def _wandb_run_id(cfg: DictConfig, run_dir: Path) -> str | None:

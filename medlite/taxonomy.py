@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from rich.console import Console
 from rich.table import Table
 
+import medlite
 from medlite.build import build_model, model_dims
+from medlite.console import make_console
 from medlite.efficiency import profile_model
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = medlite.CONF_DIR
 ORDER = {"cnn": 0, "transformer": 1, "linear": 2}
 
 
@@ -86,8 +87,7 @@ def main() -> None:
             )
         rows.append(row)
 
-    console = Console()
-    console = console if console.is_terminal else Console(width=200)
+    console = make_console()
     threads = args.threads or torch.get_num_threads()
     kinds = (
         ("classification", args.sizes),

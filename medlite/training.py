@@ -24,6 +24,7 @@ from torch import nn
 
 from medlite import ddp
 from medlite.callbacks import NaNGuard
+from medlite.checkpoint_io import AtomicCheckpointIO
 from medlite.checkpoints import lightning_state
 from medlite.compress.base import LossTerm
 from medlite.errors import ConfigError
@@ -180,6 +181,7 @@ def train_phase(
             *callbacks,
         ],
         logger=list(loggers) or False,
+        plugins=[AtomicCheckpointIO()],  # checkpoints never left half-written (full disk, kill)
         **overrides,
     )
     threads = torch.get_num_threads()

@@ -112,7 +112,11 @@ def bench_one(args, flag: str, model: str, seed: int) -> dict:
     if not args.no_int8:
         int8 = _run(
             where / "ptq",
-            [*common, "compress=ptq", f"compress.base_ckpt={base['best_checkpoint']}"],
+            [
+                *common,
+                "compress=ptq",
+                f"compress.base_ckpt={Path(base['run_dir'], base['best_checkpoint'])}",
+            ],
             args.reuse,
         )
         if int8.get("status") == "ok":

@@ -65,7 +65,7 @@ def compression_rows(args, console: Console) -> list[dict]:
                         f"model={model}",
                         "seed=0",
                         f"compress={recipe}",
-                        f"compress.base_ckpt={base['best_checkpoint']}",
+                        f"compress.base_ckpt={Path(base['run_dir'], base['best_checkpoint'])}",
                     ],
                     args.reuse,
                 )
@@ -115,7 +115,7 @@ def kd_rows(args) -> list[dict]:
                     f"model={args.student}",
                     "compress=kd",
                     f"teacher={args.teacher}",
-                    f"teacher.ckpt_path={teacher['best_checkpoint']}",
+                    f"teacher.ckpt_path={Path(teacher['run_dir'], teacher['best_checkpoint'])}",
                 ],
                 args.reuse,
             )

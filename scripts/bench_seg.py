@@ -73,7 +73,11 @@ def bench_model(args, model: str, console: Console) -> dict:
     if not args.no_int8:
         int8 = _run(
             args.out / model / "ptq",
-            [*common, "compress=ptq", f"compress.base_ckpt={base['best_checkpoint']}"],
+            [
+                *common,
+                "compress=ptq",
+                f"compress.base_ckpt={Path(base['run_dir'], base['best_checkpoint'])}",
+            ],
             args.reuse,
         )
         final = int8["compression"]["stages"][-1]

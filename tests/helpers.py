@@ -9,9 +9,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+import medlite
 from medlite.compress import RunContext
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = medlite.CONF_DIR  # the repository's conf/ (or an installed medlite/conf)
 
 
 def make_cfg(output_dir: Path, overrides: list[str] = ()) -> DictConfig:

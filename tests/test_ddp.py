@@ -67,7 +67,7 @@ def test_two_process_gloo_run_leaves_one_run_recorded_by_rank_zero(tmp_path):
     dm = build_datamodule(cfg)
     dm.setup()
     model = build_model(cfg.model, dm.task.num_outputs, dm.in_chans, dm.preprocess.input_size)
-    state = torch.load(res["best_checkpoint"], map_location="cpu", weights_only=False)
+    state = torch.load(run / res["best_checkpoint"], map_location="cpu", weights_only=True)
     model.load_state_dict({k.removeprefix("model."): v for k, v in state["state_dict"].items()})
     model.eval()
     ys, scores = [], []

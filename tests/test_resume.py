@@ -80,7 +80,7 @@ def _assert_same_run(resumed: Path, reference: Path) -> None:
         for key, value in ref[split].items():
             assert res[split][key] == pytest.approx(value, abs=1e-6), f"{split}/{key}"
     assert Path(res["best_checkpoint"]).name == Path(ref["best_checkpoint"]).name
-    assert Path(res["best_checkpoint"]).parent == resumed / "checkpoints"
+    assert (resumed / res["best_checkpoint"]).parent == resumed / "checkpoints"
     assert res["run_dir"] == str(resumed)
     assert res["resumed"][-1]["epoch"] == 1  # last.ckpt: end of epoch 1; killed in epoch 2
     # metrics.csv: every epoch once, same numbers as the uninterrupted run's (nothing doubled)

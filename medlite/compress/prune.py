@@ -19,7 +19,8 @@ permanent in ``finalize``. It shrinks nothing and speeds nothing up on dense CPU
 a sparsity (compressibility) result, and the report says so.
 
 A structurally pruned network no longer matches its config, so its weights alone cannot rebuild
-it: the run stores the whole module (:func:`medlite.checkpoints.save_module`).
+it: the run stores them with the pruned layers' shapes (:mod:`medlite.compress.structure`), from
+which the config's network is rebuilt, never a pickled module.
 """
 
 from __future__ import annotations

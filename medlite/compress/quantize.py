@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medlite.checkpoints import save_module
 from medlite.compress.base import CompressionStep, RunContext
 from medlite.compress.registry import register_step
+from medlite.compress.structure import StructureError, context_build_args, save_compressed
 from medlite.deploy.onnx import (
     OnnxExportError,
     OrtModel,
@@ -213,12 +213,13 @@ def _nodes_reading(onnx_path: Path, initializers: set[str]) -> list[str]:
     return [n.name for n in proto.graph.node if initializers & set(n.input)]
 
 
-def _save_torch_model(model: nn.Module, path: Path) -> None:
-    """Keep the PyTorch model the int8 file came from: deployment benchmarks eager PyTorch
-    against it, and a pruned or distilled network can't be rebuilt from the config alone."""
+def _save_torch_model(model: nn.Module, path: Path, ctx: RunContext) -> None:
+    """Keep the PyTorch model the int8 file came from (weights and structural record, no code):
+    deployment benchmarks eager PyTorch against it, and a pruned or distilled network can't be
+    rebuilt from the config's weights alone."""
     try:
-        save_module(model, path)
-    except Exception as err:  # noqa: BLE001 - the int8 file is still the result
+        save_compressed(model, path, context_build_args(ctx), ctx.example_input(2))
+    except StructureError as err:  # the int8 file is still the result
         path.unlink(missing_ok=True)
         log.warning("could not save the fp32 PyTorch model as %s: %s", path, err)
 
@@ -319,7 +320,7 @@ class _OrtInt8Step(CompressionStep):
         out = Path(ctx.output_dir) / "compressed"
         out.mkdir(parents=True, exist_ok=True)
         fp32_path = self._export(model, ctx, out / "model_fp32.onnx")
-        _save_torch_model(model, out / "model_fp32.pt")
+        _save_torch_model(model, out / "model_fp32.pt", ctx)
         batches = ctx.calibration_batches(self.calibration_batches)
         if not batches:
             raise TrainingError(f"{self.kind}: the training split gave no calibration images")

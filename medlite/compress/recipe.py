@@ -14,9 +14,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 from torch import nn
 
-from medlite.checkpoints import load_weights, save_module
+from medlite.checkpoints import lightning_state, load_weights, relative_to_run
 from medlite.compress.base import CompressionStep, RunContext, frozen_copy
 from medlite.compress.evaluate import evaluate
+from medlite.compress.structure import StructureError, build_args, save_compressed
 from medlite.efficiency import profile_model, profile_settings
 from medlite.errors import ConfigError
 from medlite.training import train_phase
@@ -32,8 +33,8 @@ def check_recipe(cfg: DictConfig) -> None:
     if base not in BASES:
         raise ConfigError(f"compress.base must be one of {BASES}, got {base!r}")
     ckpt = cfg.compress.get("base_ckpt")
-    if ckpt and not Path(str(ckpt)).expanduser().is_file():
-        raise ConfigError(f"compress.base_ckpt={ckpt} does not exist")
+    if ckpt:  # read now (weights only): a missing, broken or unsafe file fails before any work
+        lightning_state(Path(str(ckpt)).expanduser(), "compress.base_ckpt")
 
 
 def _stage(
@@ -85,8 +86,8 @@ def run_recipe(
         steps=[],
         stages=[],
     )
-    if teacher_info:
-        comp["teacher"] = teacher_info
+    if teacher_info:  # a teacher trained in this run is recorded relative to it
+        comp["teacher"] = {**teacher_info, "path": relative_to_run(teacher_info.get("path"), out)}
     if comp["base"] == "train":
         if comp["base_ckpt"]:
             load_weights(model, Path(str(comp["base_ckpt"])).expanduser(), cfg.model.arch)
@@ -95,7 +96,7 @@ def run_recipe(
             phase = train_phase(
                 cfg, model, datamodule, ckpt_dir=out / "checkpoints", loggers=loggers
             )
-            results["best_checkpoint"] = phase.best_checkpoint
+            results["best_checkpoint"] = relative_to_run(phase.best_checkpoint, out)
             model = phase.module.model
         comp["stages"].append(_stage(cfg, "before", model, datamodule, shape))
         ctx.base_model = frozen_copy(model)
@@ -131,21 +132,34 @@ def run_recipe(
     results["val"], results["test"] = final["val"], final["test"]
     if "efficiency" in final:
         results["efficiency"] = final["efficiency"]
-    comp["saved"] = save_final(model, out / "compressed", steps[-1] if steps else None)
+    task, size = datamodule.task, datamodule.preprocess.input_size
+    build = build_args(cfg.model, task.num_outputs, datamodule.in_chans, size)
+    example = next(iter(datamodule.calibration_dataloader(batch_size=2)))[0]
+    saved = save_final(model, out / "compressed", steps[-1] if steps else None, build, example)
+    comp["saved"] = relative_to_run(saved, out)
     return model
 
 
-def save_final(model: nn.Module, folder: Path, step: CompressionStep | None = None) -> str | None:
-    """Keep the compressed model: the file the last step wrote (an int8 runtime file), or the
-    whole module (a pruned or factorised network no longer matches its config, so weights alone
-    can't rebuild it)."""
+def save_final(
+    model: nn.Module,
+    folder: Path,
+    step: CompressionStep | None = None,
+    build: dict | None = None,
+    example=None,
+) -> str | None:
+    """Keep the compressed model: the file the last step wrote (an int8 runtime file), or its
+    weights with a structural record (a pruned or factorised network no longer matches its
+    config; ``build``: how to build that config's network), checked to rebuild the same model."""
     artefact = step.artefact(model) if step is not None else None
     if artefact is not None:
         return str(artefact)
     target = folder / "model.pt"
+    if build is None:
+        log.warning("no model config given: the compressed model is not saved")
+        return None
     try:
-        save_module(model, target)
-    except Exception as err:  # noqa: BLE001 - a model that can't be pickled is still a result
-        log.warning("could not save the compressed model as a whole module: %s", err)
+        save_compressed(model, target, build, example)
+    except StructureError as err:
+        log.warning("could not save the compressed model (%s); the run's results stand", err)
         return None
     return str(target)

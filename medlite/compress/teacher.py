@@ -2,8 +2,12 @@
 trained first in the same run (and then cached, so the next run, or the next job of a sweep,
 reuses it instead of training it again).
 
-The cache key covers everything that changes the teacher's weights: its model config, the data
-(its files and split, size, preprocessing, augmentation, epochs), optimiser, schedule and seed.
+The cache key covers everything that changes the teacher's weights, fully resolved: its model
+config, the data (its files and split, size, preprocessing, augmentation, epochs), optimiser,
+schedule, seed, loss options, the trainer settings (epochs, precision, clipping, batch limits...),
+``max_phase_epochs`` and the callbacks that act on training. A teacher trained under debug caps
+(``fast_dev_run``, ``limit_*_batches``, ``overfit_batches``, ``max_phase_epochs``) is never cached:
+a later full run must not distil from a teacher that saw three batches.
 """
 
 from __future__ import annotations
@@ -32,29 +36,105 @@ class TeacherPlan:
 
     source: str  # "ckpt" | "cache" | "train"
     path: Path | None
+    key: str | None = None  # the cache key of this run's teacher recipe (None: teacher.ckpt_path)
+    not_cached: str | None = None  # why a teacher trained here is not cached (debug caps)
 
 
 #: data settings that change what is read or how, not the trained weights
 _DATA_KEYS_IGNORED = ("name", "root", "download", "mmap", "num_workers", "eval_batch_size")
 
 
-def _cache_key(cfg: DictConfig, data_id: str) -> str:
-    t = OmegaConf.to_container(cfg.teacher, resolve=True)
+#: trainer settings that change logging or where files go, not the trained weights
+_TRAINER_KEYS_IGNORED = (
+    "default_root_dir",
+    "enable_progress_bar",
+    "enable_model_summary",
+    "enable_checkpointing",
+    "log_every_n_steps",
+    "logger",
+    "num_sanity_val_steps",
+    "profiler",
+)
+#: callbacks that only report (progress, learning-rate logging), by class name
+_CALLBACKS_IGNORED = (
+    "RichProgressBar",
+    "TQDMProgressBar",
+    "LearningRateMonitor",
+    "ModelSummary",
+    "RichModelSummary",
+    "DeviceStatsMonitor",
+)
+
+
+def _container(cfg: DictConfig, key: str):
+    node = OmegaConf.select(cfg, key, default=None)
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _trainer_recipe(cfg: DictConfig) -> dict:
+    """The trainer settings that shape the weights; a multirun job's GPU index (``devices:
+    [k]``) counts as one device, so the jobs of a sweep share their teacher."""
+    node = cfg.get("trainer") or {}
+    trainer = {k: _container(node, k) for k in node if k not in _TRAINER_KEYS_IGNORED}
+    if isinstance(trainer.get("devices"), list):
+        trainer["devices"] = len(trainer["devices"])
+    return trainer
+
+
+def _callbacks_recipe(cfg: DictConfig) -> dict:
+    """Extra callbacks that act on training (early stopping, SWA...), not those that report."""
+    group = _container(cfg, "callbacks") or {}
+    return {
+        name: spec
+        for name, spec in group.items()
+        if isinstance(spec, dict)
+        and str(spec.get("_target_", "")).rsplit(".", 1)[-1] not in _CALLBACKS_IGNORED
+    }
+
+
+def teacher_recipe(cfg: DictConfig, data_id: str) -> dict:
+    """Everything that changes the weights of a teacher trained in this run, fully resolved."""
+    t = _container(cfg, "teacher") or {}
     for k in ("ckpt_path", "cache"):
         t.pop(k, None)
-    d = OmegaConf.to_container(cfg.data, resolve=True)
-    recipe = {
+    d = _container(cfg, "data") or {}
+    return {
         "teacher": t,
         "data": {k: v for k, v in d.items() if k not in _DATA_KEYS_IGNORED},
         "data_id": data_id,
         "student_input": cfg.model.input_size,
-        "optim": OmegaConf.to_container(cfg.optim, resolve=True),
-        "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True),
+        "optim": _container(cfg, "optim"),
+        "scheduler": _container(cfg, "scheduler"),
         "seed": cfg.seed,
-        "label_smoothing": cfg.label_smoothing,
+        "label_smoothing": cfg.get("label_smoothing"),
+        "loss": _container(cfg, "loss"),
+        "trainer": _trainer_recipe(cfg),
+        "max_phase_epochs": cfg.get("max_phase_epochs"),
+        "callbacks": _callbacks_recipe(cfg),
     }
-    blob = json.dumps(recipe, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def _cache_key(cfg: DictConfig, data_id: str) -> str:
+    blob = json.dumps(teacher_recipe(cfg, data_id), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def debug_caps(cfg: DictConfig) -> list[str]:
+    """The debug caps a teacher trained by this run would be trained under (``debug=...``
+    configs set them): such a teacher is for seeing the pipeline run, never for the cache."""
+    caps = []
+    trainer = _trainer_recipe(cfg)
+    if trainer.get("fast_dev_run"):
+        caps.append(f"trainer.fast_dev_run={trainer['fast_dev_run']}")
+    for k in ("limit_train_batches", "limit_val_batches", "limit_test_batches"):
+        value = trainer.get(k)  # a float is a fraction (1.0: all), an int a number of batches
+        if value is not None and not (isinstance(value, float) and value == 1.0):
+            caps.append(f"trainer.{k}={value}")
+    if trainer.get("overfit_batches") not in (None, 0, 0.0):
+        caps.append(f"trainer.overfit_batches={trainer['overfit_batches']}")
+    if cfg.get("max_phase_epochs") is not None:
+        caps.append(f"max_phase_epochs={cfg.max_phase_epochs}")
+    return caps
 
 
 def cache_path(cfg: DictConfig, data_name: str, data_id: str, size: int | None = None) -> Path:
@@ -80,10 +160,16 @@ def plan_teacher(cfg: DictConfig, datamodule) -> TeacherPlan:
         if not path.is_file():
             raise ConfigError(f"teacher.ckpt_path={path} does not exist")
         return TeacherPlan("ckpt", path)
+    key = _cache_key(cfg, datamodule.fingerprint())
     cached = cache_path(cfg, datamodule.name, datamodule.fingerprint(), datamodule.size)
-    if t.get("cache", True) and cached.is_file():
-        return TeacherPlan("cache", cached)
-    return TeacherPlan("train", cached if t.get("cache", True) else None)
+    if not t.get("cache", True):
+        return TeacherPlan("train", None, key, "teacher.cache=false")
+    caps = debug_caps(cfg)
+    if caps:
+        return TeacherPlan("train", None, key, f"trained under debug caps ({', '.join(caps)})")
+    if cached.is_file():
+        return TeacherPlan("cache", cached, key)
+    return TeacherPlan("train", cached, key)
 
 
 def obtain_teacher(
@@ -99,7 +185,10 @@ def obtain_teacher(
     t = cfg.teacher
     wrapped = build_teacher(cfg, datamodule)
     net = wrapped.teacher
-    info: dict = {"name": t.name, "arch": t.arch, "source": plan.source}
+    info: dict = {"name": t.name, "arch": t.arch, "source": plan.source, "cache_key": plan.key}
+    if plan.source == "train" and plan.not_cached:
+        info["not_cached"] = plan.not_cached
+        log.info("the teacher trained in this run is not cached: %s", plan.not_cached)
     if plan.source == "train":
         log.info("training the teacher %s first (no teacher.ckpt_path given)", t.name)
         phase = train_phase(
@@ -114,7 +203,13 @@ def obtain_teacher(
             lr=t.get("lr"),
             test=False,
         )
-        meta = {"arch": t.arch, "data": datamodule.name, "size": datamodule.size, "seed": cfg.seed}
+        meta = {
+            "arch": t.arch,
+            "data": datamodule.name,
+            "size": datamodule.size,
+            "seed": cfg.seed,
+            "cache_key": plan.key,
+        }
         run_copy = output_dir / "teacher" / "teacher.ckpt"
         save_weights(net, run_copy, meta)
         info["path"] = str(run_copy)
@@ -123,10 +218,10 @@ def obtain_teacher(
             info["cached"] = str(plan.path)
         monitored = datamodule.task.monitor_metric
         log.info(
-            "teacher trained (val %s %.3f); later runs reuse it from the cache, or pass "
-            "teacher.ckpt_path=%s",
+            "teacher trained (val %s %.3f); later runs %s, or pass teacher.ckpt_path=%s",
             datamodule.task.title(monitored),
             phase.val.get(monitored, float("nan")),
+            "reuse it from the cache" if plan.path is not None else "train their own",
             run_copy,
         )
     else:

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import tv_tensors
 
 from medlite.data.sources.base import SPLITS, DataSource, Split
-from medlite.data.transforms import Preprocess, build_augment
+from medlite.data.transforms import Preprocess, build_augment, normalisation
 from medlite.errors import ConfigError
 from medlite.tasks import BINARY, MULTILABEL, Task
 
@@ -91,9 +91,12 @@ class DataModule(pl.LightningDataModule):
         batch_size: int = 64,
         eval_batch_size: int = 256,
         num_workers: int = 0,
+        pretrained_norm: tuple[list[float], list[float]] | None = None,
     ) -> None:
         super().__init__()
         self.source = source
+        #: the RGB (mean, std) of pretrained weights, used when data.mean/std are null
+        self.pretrained_norm = pretrained_norm
         self.input_size, self.as_rgb, self.fit = input_size, bool(as_rgb), fit
         self.mean_cfg, self.std_cfg = mean, std
         self.augment_cfg = dict(augment) if augment else None
@@ -141,10 +144,7 @@ class DataModule(pl.LightningDataModule):
                 "classified). Choose a 2D segmentation dataset"
             )
         n = self.in_chans
-        mean = list(self.mean_cfg) if self.mean_cfg else [0.5] * n
-        std = list(self.std_cfg) if self.std_cfg else [0.5] * n
-        if len(mean) != n or len(std) != n:
-            raise ConfigError(f"data.mean/data.std need {n} value(s) for {n}-channel input")
+        mean, std = normalisation(self.mean_cfg, self.std_cfg, n, self.pretrained_norm)
         return Preprocess(
             self.input_size or info.size,
             as_rgb=n == 3,

@@ -40,6 +40,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from medlite import atomic
+from medlite.atomic import DiskFullError
 from medlite.cache import cache_dir as medlite_cache_dir
 from medlite.errors import ConfigError, DataError
 
@@ -252,7 +254,9 @@ def _remember_md5(path: pathlib.Path, md5: str) -> None:
     cache[key] = md5
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(cache_dir / _MD5_CACHE_NAME, json.dumps(cache, indent=1).encode())
+        atomic.write_bytes(cache_dir / _MD5_CACHE_NAME, json.dumps(cache, indent=1).encode())
+    except DiskFullError as exc:  # the old cache stays whole; only re-hashing is lost
+        log.warning("%s", exc)
     except OSError as exc:
         log.debug("could not write the MD5 cache in %s: %s", cache_dir, exc)
 
@@ -266,18 +270,6 @@ def _open_part(target: pathlib.Path) -> tuple[BinaryIO, pathlib.Path]:
         except FileExistsError:
             continue
     raise FileExistsError(f"cannot create a unique temporary file next to {target}")
-
-
-def _atomic_write_bytes(target: pathlib.Path, data: bytes) -> None:
-    f, tmp = _open_part(target)
-    try:
-        with f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------- ensure_file
@@ -414,6 +406,13 @@ def _content_length(response: Any) -> int | None:
         return None
 
 
+def _space(folder: pathlib.Path, needed: int | None) -> str:
+    """'It needs X MB, Y MB free there. ' for a disk-full message."""
+    free = atomic.free_bytes(folder)
+    need = f"{needed / 2**20:.1f} MB" if needed else "?"
+    return f"It needs {need}, {'?' if free is None else f'{free / 2**20:.1f} MB'} free there. "
+
+
 class _LocalWriteError(Exception):
     """Writing the downloaded bytes to disk failed (disk full...), not the network."""
 
@@ -461,8 +460,8 @@ def _download(url: str, path: pathlib.Path, md5: str, *, timeout: float) -> None
         except _LocalWriteError as exc:
             raise DataError(
                 f"could not save MedMNIST file {name!r} into {path.parent}: {exc.__cause__}. "
-                f"Free disk space there or point paths.data_dir=... (or env MEDLITE_DATA_DIR) "
-                f"at another folder. Nothing was saved."
+                f"{_space(path.parent, total)}Free disk space there or point paths.data_dir=... "
+                f"(or env MEDLITE_DATA_DIR) at another folder. Nothing was saved."
             ) from exc
         except Exception as exc:  # URLError, HTTPError, timeouts, IncompleteRead, resets...
             reason: object = exc
@@ -572,8 +571,9 @@ def _extract_and_mmap(path: pathlib.Path, cache_dir: pathlib.Path) -> dict[str, 
                     os.unlink(tmp)
                 raise DataError(
                     f"cannot extract {path.name}/{key} into the cache folder {target} for memory "
-                    f"mapping ({exc.__cause__}). Free disk space there, point env "
-                    f"MEDLITE_CACHE_DIR at a folder with room, or load without mmap."
+                    f"mapping ({exc.__cause__}). {_space(target, zf.getinfo(key + '.npy').file_size)}"
+                    f"Free disk space there, point env MEDLITE_CACHE_DIR at a folder with room, "
+                    f"or load without mmap."
                 ) from exc
             except BaseException:
                 with contextlib.suppress(OSError):
@@ -669,19 +669,49 @@ def _validate_split(
         )
 
 
+def _array_file(path: pathlib.Path, images: np.ndarray) -> str:
+    """The file an array was read from: the cached ``.npy`` of a memory map, else the .npz."""
+    filename = getattr(images, "filename", None)
+    return str(filename) if filename else str(path)
+
+
+def _check_image_sizes(
+    path: pathlib.Path, images: dict[str, np.ndarray], info: dict, size: int | None
+) -> None:
+    """Every split's images have the same spatial shape, ``size`` per side if given: a wrong
+    array would otherwise fail mid-training (a collate error) or be silently resized."""
+    spatial = 3 if _is_3d(info) else 2
+    shapes = {split: tuple(a.shape[1 : 1 + spatial]) for split, a in images.items()}
+    reference = (int(size),) * spatial if size is not None else shapes[SPLITS[0]]
+    side = "x".join(map(str, reference))
+    wanted = f"data.size={size} means {side}" if size is not None else f"{SPLITS[0]} has {side}"
+    for split, shape in shapes.items():
+        if shape != reference:
+            raise DataError(
+                f"MedMNIST file {_array_file(path, images[split])}, split {split!r}: images are "
+                f"{'x'.join(map(str, shape))} px, but {wanted} px. The file (or a "
+                f"cached extraction of it) does not belong to this dataset and size; delete it "
+                f"and re-download it (data.download=true), or set data.size to the file's size."
+            )
+
+
 def load_splits(
     path: str | os.PathLike,
     info: dict,
     *,
     mmap: bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    size: int | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Load and validate ``{"train": (images, labels), "val": ..., "test": ...}`` from an .npz.
 
     ``info`` is ``medmnist.INFO[flag]`` or a dict shaped like it (synthetic files). With
     ``mmap`` (default: when images are >= 128 px) arrays are extracted once into the cache and
     returned as read-only ``np.memmap``; otherwise they are loaded into memory. Unreadable,
-    incomplete or inconsistent files raise DataError naming the file and what to do.
+    incomplete or inconsistent files raise DataError naming the file and what to do; the image
+    sizes of all splits must agree (and equal ``size``, the configured ``data.size``, if given):
+    checked on what was loaded, so also for a file whose MD5 was right and for arrays found in
+    the extraction cache.
     """
     path = pathlib.Path(path).expanduser()
     if not path.is_file():
@@ -723,6 +753,7 @@ def load_splits(
         images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
         _validate_split(path, split, images, labels, info)
         splits[split] = (images, labels)
+    _check_image_sizes(path, {s: splits[s][0] for s in SPLITS}, info, size)
     log.debug(
         "loaded %s: %s",
         path,

@@ -18,6 +18,12 @@ Intensity rules (the same for every format):
 * A DICOM VOI LUT or window maps its output range to 0..255 (values outside the window clip),
   so the image looks as the file's creator meant it to be displayed.
 
+Memory: a file is refused (:class:`InputError`, per file) when its header declares more than
+``max_pixels`` pixels (default :data:`MAX_PIXELS`), before any pixel is decoded, so a small
+compressed file cannot expand into gigabytes. Pixels are converted strip by strip, never as a
+full-size float64 copy: reading a grayscale 16-bit image peaks at about 3 bytes per pixel (the
+decoded file plus the uint8 result), an 8-bit RGB one at about 7 (Pillow holds RGB as 4 bytes).
+
 Segmentation masks are read with :func:`read_mask` instead, which keeps the stored values
 (class indices) untouched.
 
@@ -45,6 +51,11 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SUPPORTED_SUFFIXES = PILLOW_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES
 
 _DICOM_MAGIC_OFFSET = 128
+#: the largest image (height x width) :func:`read_image` decodes by default: 8192 x 8192, below
+#: Pillow's own decompression-bomb warning (~89 MP); ``max_pixels=None`` lifts the bound
+MAX_PIXELS = 8192 * 8192
+#: elements converted at a time: bounds the float temporaries of intensity scaling (~8 MB)
+_CHUNK_ELEMENTS = 1 << 20
 _PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 #: colour encodings pydicom 3 returns as RGB (YBR_FULL* via ``as_rgb``, ICT/RCT by the decoder)
 _RGB_PHOTOMETRICS = ("RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT")
@@ -103,23 +114,24 @@ def _check_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
+def read_image(path: str | os.PathLike, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """Read a PNG/JPEG/BMP/TIFF, DICOM or NIfTI file as uint8 ``(H, W)`` or ``(H, W, 3)``.
 
     The format follows the suffix (see :data:`SUPPORTED_SUFFIXES`); a file with another suffix
     is read as DICOM when it carries the ``DICM`` marker. See the module docstring for how
     intensities become uint8, and :func:`_read_nifti` for the NIfTI orientation convention.
+    A file whose header declares more than ``max_pixels`` pixels is refused before decoding.
     """
     path = _check_file(path)
     suffix = _suffix(path)
     if suffix in PILLOW_SUFFIXES:
-        image = _read_pillow(path)
+        image = _read_pillow(path, max_pixels)
     elif suffix in DICOM_SUFFIXES:
-        image = _read_dicom(path, force=True)
+        image = _read_dicom(path, force=True, max_pixels=max_pixels)
     elif suffix in NIFTI_SUFFIXES:
-        image = _read_nifti(path)
+        image = _read_nifti(path, max_pixels)
     elif _has_dicom_magic(path):
-        image = _read_dicom(path, force=False)
+        image = _read_dicom(path, force=False, max_pixels=max_pixels)
     else:
         raise InputError(
             f"{path}: unsupported file type {path.suffix or '(no suffix)'!r}; supported: "
@@ -133,48 +145,115 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- intensities
-def _minmax_to_uint8(values: np.ndarray, path: Path) -> np.ndarray:
-    """Min–max scale over the image to 0..255 (non-finite values -> 0)."""
-    a = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(a)
-    if not finite.any():
+def check_pixels(path: Path, height: int, width: int, max_pixels: int | None) -> None:
+    """Refuse an image larger than ``max_pixels`` from its header, before decoding it: a small
+    compressed file can declare billions of pixels (a decompression bomb)."""
+    if max_pixels is not None and height * width > max_pixels:
+        raise InputError(
+            f"{path}: {width} x {height} = {height * width:,} pixels, more than max_pixels="
+            f"{max_pixels:,}; downscale or crop the image, or raise max_pixels if this machine "
+            "has the memory (about 3 bytes per pixel for grayscale, 7 for RGB)"
+        )
+
+
+def _row_chunks(a: np.ndarray) -> Iterator[slice]:
+    """Slices along the first axis holding about :data:`_CHUNK_ELEMENTS` elements each."""
+    per_row = max(1, int(np.prod(a.shape[1:], dtype=np.int64)))
+    step = max(1, _CHUNK_ELEMENTS // per_row)
+    for start in range(0, a.shape[0], step):
+        yield slice(start, min(start + step, a.shape[0]))
+
+
+def _finite_range(strips: Iterator[np.ndarray], path: Path) -> tuple[float, float]:
+    """Min and max of the finite values over all strips (warns about non-finite ones)."""
+    lo, hi, bad = np.inf, -np.inf, 0
+    for strip in strips:
+        if strip.dtype.kind in "fc":
+            finite = np.isfinite(strip)
+            bad += int(strip.size - np.count_nonzero(finite))
+            strip = strip[finite]
+        if strip.size:
+            lo, hi = min(lo, float(strip.min())), max(hi, float(strip.max()))
+    if lo > hi:
         raise InputError(f"{path}: has no finite pixel values (all NaN/inf); check the file")
-    if not finite.all():
-        log.warning("%s: %d non-finite pixel values set to 0", path, int((~finite).sum()))
-    lo, hi = float(a[finite].min()), float(a[finite].max())
-    out = np.zeros(a.shape, dtype=np.uint8)
+    if bad:
+        log.warning("%s: %d non-finite pixel values set to 0", path, bad)
+    return lo, hi
+
+
+def _scale_strip(strip: np.ndarray, out: np.ndarray, lo: float, hi: float) -> None:
+    """``out[...] = rint((strip - lo) * 255 / (hi - lo))`` for one strip, non-finite -> 0."""
+    scaled = np.asarray(strip, dtype=np.float64) - lo
+    scaled *= 255.0 / (hi - lo)
+    np.rint(scaled, out=scaled)
+    if strip.dtype.kind in "fc":
+        scaled[~np.isfinite(scaled)] = 0
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    out[...] = scaled.astype(np.uint8)
+
+
+def _minmax_strips(strips, shape: tuple[int, ...], dtype, path: Path) -> np.ndarray:
+    """Min–max scale to 0..255 from ``strips()`` (a callable giving ``(rows, array)`` pairs
+    that tile the image along its first axis), one strip at a time."""
+    lo, hi = _finite_range((a for _, a in strips()), path)
+    out = np.zeros(shape, dtype=np.uint8)
     if hi == lo:
         log.warning("%s: constant image (every pixel %g); it reads as all 0", path, lo)
         return out
-    log.debug("%s: %s data min-max scaled from [%g, %g] to 0..255", path, values.dtype, lo, hi)
-    out[finite] = np.rint((a[finite] - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+    log.debug("%s: %s data min-max scaled from [%g, %g] to 0..255", path, dtype, lo, hi)
+    for rows, a in strips():
+        _scale_strip(a, out[rows], lo, hi)
     return out
+
+
+def _minmax_to_uint8(values: np.ndarray, path: Path) -> np.ndarray:
+    """Min–max scale over the image to 0..255 (non-finite values -> 0), chunk by chunk."""
+    a = np.asarray(values)
+    if a.ndim == 0:
+        a = a.reshape(1)
+
+    def strips():
+        return ((rows, a[rows]) for rows in _row_chunks(a))
+
+    return _minmax_strips(strips, a.shape, a.dtype, path)
 
 
 def _range_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Map a known output range [lo, hi] linearly to 0..255, clipping outside it."""
-    a = np.asarray(values, dtype=np.float64)
-    scaled = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
-    return np.rint(np.clip(scaled, 0.0, 255.0)).astype(np.uint8)
+    a = np.asarray(values)
+    out = np.zeros(a.shape, dtype=np.uint8)
+    if hi > lo and a.ndim:
+        for rows in _row_chunks(a):
+            _scale_strip(a[rows], out[rows], lo, hi)
+    return out
 
 
 # ---------------------------------------------------------------------------------- Pillow
-def _read_pillow(path: Path) -> np.ndarray:
-    """PNG/JPEG/BMP/TIFF through Pillow, EXIF orientation applied (as a viewer shows it)."""
+def _read_pillow(path: Path, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
+    """PNG/JPEG/BMP/TIFF through Pillow, EXIF orientation applied (as a viewer shows it).
+
+    The size is checked from the header (``Image.open`` decodes nothing), and the decoded image
+    is copied out strip by strip, so no second full-size copy is made.
+    """
     from PIL import Image, ImageOps
 
     try:
         with Image.open(path) as im:
+            check_pixels(path, im.height, im.width, max_pixels)
             if getattr(im, "n_frames", 1) > 1:
                 raise InputError(
                     f"{path}: has {im.n_frames} pages/frames (a stack); medlite models take 2D "
                     "images; save the one page you want as its own file"
                 )
             im.load()
-            im = ImageOps.exif_transpose(im)
+            ImageOps.exif_transpose(im, in_place=True)
             return _pillow_to_array(im, path)
     except InputError:
         raise
+    except Image.DecompressionBombError as err:
+        raise InputError(
+            f"{path}: refused as a possible decompression bomb ({err}); downscale the image"
+        ) from err
     except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... on bad files
         raise InputError(
             f"{path}: not a readable {path.suffix.lstrip('.').upper()} image "
@@ -182,25 +261,49 @@ def _read_pillow(path: Path) -> np.ndarray:
         ) from err
 
 
+def _pillow_strips(im, convert: str | None = None, keep: int | None = None):
+    """The image's rows as numpy strips ``(rows, array)``: ``convert`` each strip to that mode,
+    ``keep`` only its first channels. Bounds the copies to one strip at a time."""
+    width, height = im.size
+    per_row = max(1, width * len(im.getbands()))
+    step = max(1, _CHUNK_ELEMENTS // per_row)
+    for top in range(0, height, step):
+        bottom = min(top + step, height)
+        strip = im.crop((0, top, width, bottom))
+        if convert is not None:
+            strip = strip.convert(convert)
+        a = np.asarray(strip)
+        yield slice(top, bottom), a if keep is None else a[:, :, :keep]
+
+
+def _pillow_copy(im, channels: int, convert: str | None = None) -> np.ndarray:
+    """uint8 (H, W) or (H, W, 3) from the image, strip by strip."""
+    shape = (im.height, im.width) if channels == 1 else (im.height, im.width, channels)
+    out = np.empty(shape, dtype=np.uint8)
+    for rows, a in _pillow_strips(im, convert, keep=channels if channels > 1 else None):
+        out[rows] = a
+    return out
+
+
 def _pillow_to_array(im, path: Path) -> np.ndarray:
     """One Pillow image -> uint8 (H, W) or (H, W, 3): alpha dropped, palette expanded."""
     mode = im.mode
     if mode == "L":
-        return np.asarray(im)
+        return _pillow_copy(im, 1)
     if mode in ("1", "LA", "La"):  # bilevel -> 0/255; gray + alpha -> gray
-        return np.asarray(im.convert("L"))
+        return _pillow_copy(im, 1, convert="L")
     if mode == "RGB":
-        return np.asarray(im)
+        return _pillow_copy(im, 3)
     if mode in ("RGBA", "RGBa", "RGBX", "P", "PA"):  # transparency is dropped, not composited
-        return np.asarray(im.convert("RGBA"))[:, :, :3]
+        return _pillow_copy(im, 3, convert="RGBA")
     if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float gray
-        return _minmax_to_uint8(np.asarray(im), path)
+        return _minmax_strips(lambda: _pillow_strips(im), (im.height, im.width), mode, path)
     log.debug("%s: Pillow mode %s converted to RGB", path, mode)
-    return np.asarray(im.convert("RGB"))
+    return _pillow_copy(im, 3, convert="RGB")
 
 
 # ----------------------------------------------------------------------------------- DICOM
-def _read_dicom(path: Path, force: bool) -> np.ndarray:
+def _read_dicom(path: Path, force: bool, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """A single-frame DICOM image: Modality LUT, VOI LUT/window, MONOCHROME1 inverted.
 
     ``force`` reads files without the DICOM preamble (only when the user named a .dcm file).
@@ -230,6 +333,11 @@ def _read_dicom(path: Path, force: bool) -> np.ndarray:
             "(image) model: extract one frame (e.g. with pydicom or dcmtk) and pass that, or "
             "use a model trained on volumes"
         )
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    except (TypeError, ValueError):
+        rows, cols = 0, 0
+    check_pixels(path, rows, cols, max_pixels)
     pi = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     try:
         ds.pixel_array_options(as_rgb=True)  # YBR_FULL(_422) decoded as RGB
@@ -287,16 +395,25 @@ def _dicom_gray(arr: np.ndarray, ds, path: Path) -> np.ndarray:
     stored_8bit = arr.dtype == np.uint8 and int(ds.get("BitsStored", 8) or 8) == 8
     if stored_8bit and identity and not (voi_lut or window):
         return arr
-    try:
-        values = apply_modality_lut(arr, ds)
-        if voi_lut:
-            return _apply_voi_lut_sequence(values, ds)
-        if window:
-            from pydicom.pixels import apply_windowing
 
-            lo, hi = apply_windowing(np.array([-np.inf, np.inf]), ds)  # the window's output range
-            log.debug("%s: window applied, output range [%g, %g]", path, lo, hi)
-            return _range_to_uint8(apply_windowing(values, ds), float(lo), float(hi))
+    def strips():  # the Modality LUT strip by strip: no full-size float64 copy of the image
+        return ((rows, apply_modality_lut(arr[rows], ds)) for rows in _row_chunks(arr))
+
+    try:
+        if not (voi_lut or window):
+            return _minmax_strips(strips, arr.shape, arr.dtype, path)
+        out = np.empty(arr.shape, dtype=np.uint8)
+        if voi_lut:
+            for rows, values in strips():
+                out[rows] = _apply_voi_lut_sequence(values, ds)
+            return out
+        from pydicom.pixels import apply_windowing
+
+        lo, hi = apply_windowing(np.array([-np.inf, np.inf]), ds)  # the window's output range
+        log.debug("%s: window applied, output range [%g, %g]", path, lo, hi)
+        for rows, values in strips():
+            out[rows] = _range_to_uint8(apply_windowing(values, ds), float(lo), float(hi))
+        return out
     except InputError:
         raise
     except Exception as err:  # malformed LUT / window attributes
@@ -304,7 +421,6 @@ def _dicom_gray(arr: np.ndarray, ds, path: Path) -> np.ndarray:
             f"{path}: its Modality LUT / VOI LUT / window attributes are invalid "
             f"({type(err).__name__}: {err}); fix or remove them, or export the image as PNG"
         ) from err
-    return _minmax_to_uint8(values, path)
 
 
 def _valid_voi_lut(ds) -> bool:
@@ -330,7 +446,7 @@ def _apply_voi_lut_sequence(values: np.ndarray, ds) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------- NIfTI
-def _read_nifti(path: Path) -> np.ndarray:
+def _read_nifti(path: Path, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """A 2D NIfTI image; the data array is ``(x, y)`` and comes back as ``(rows, cols) = (y, x)``.
 
     Convention: voxel ``data[i, j]`` becomes pixel ``image[j, i]`` (a plain transpose; the affine
@@ -355,6 +471,7 @@ def _read_nifti(path: Path) -> np.ndarray:
             "(image) model: save the one slice you want as a 2D NIfTI (shape (X, Y)) or as PNG, "
             "or use a model trained on volumes"
         )
+    check_pixels(path, shape[1], shape[0], max_pixels)
     try:
         data = np.asanyarray(img.dataobj)  # applies scl_slope / scl_inter when set
     except Exception as err:

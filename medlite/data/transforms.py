@@ -19,6 +19,33 @@ from torchvision import tv_tensors
 from medlite.errors import ConfigError
 
 FIT_MODES = ("resize", "pad")
+#: per-channel mean and std when neither the config nor pretrained weights give any (MedMNIST)
+DEFAULT_NORM = 0.5
+
+
+def normalisation(
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    channels: int,
+    pretrained: tuple[Sequence[float], Sequence[float]] | None = None,
+) -> tuple[list[float], list[float]]:
+    """Per-channel ``(mean, std)`` for ``channels`` inputs: ``data.mean``/``data.std`` when set,
+    else the pretrained weights' RGB statistics (averaged for 1-channel input, which the summed
+    RGB kernels of the first conv see as R = G = B), else 0.5."""
+    if mean or std:
+        m = list(mean) if mean else [DEFAULT_NORM] * channels
+        s = list(std) if std else [DEFAULT_NORM] * channels
+    elif pretrained is not None:
+        m, s = (list(v) for v in pretrained)
+        if channels == 1 and len(m) == 3:
+            m, s = [sum(m) / 3], [sum(s) / 3]
+    else:
+        m, s = [DEFAULT_NORM] * channels, [DEFAULT_NORM] * channels
+    if len(m) != channels or len(s) != channels:
+        raise ConfigError(
+            f"data.mean/data.std need {channels} value(s) for {channels}-channel input"
+        )
+    return [float(v) for v in m], [float(v) for v in s]
 
 
 def to_tensor(image: np.ndarray, as_rgb: bool, spatial_dims: int = 2) -> torch.Tensor:
@@ -84,9 +111,42 @@ def fit_image(image: np.ndarray, size: int, mode: str) -> np.ndarray:
     (how sources of images of any size store them at the dataset's size)."""
     if image.shape[0] == size and image.shape[1] == size:
         return image
-    x = fit_to_size(to_tensor(image, as_rgb=False), size, mode)
+    if image.shape[0] * image.shape[1] > STRIP_PIXELS and max(image.shape[:2]) > size:
+        x = _fit_in_strips(image, size, mode)
+    else:
+        x = fit_to_size(to_tensor(image, as_rgb=False), size, mode)
     out = x.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
     return out[0].numpy() if image.ndim == 2 else out.permute(1, 2, 0).contiguous().numpy()
+
+
+#: images with more pixels than this are fitted strip by strip (:func:`_fit_in_strips`)
+STRIP_PIXELS = 1 << 22
+#: values per strip of :func:`_fit_in_strips` (4 MB as float32)
+_STRIP_VALUES = 1 << 20
+
+
+def _fit_in_strips(image: np.ndarray, size: int, mode: str) -> torch.Tensor:
+    """:func:`fit_to_size` of a large uint8 image without a full-size float copy (4 bytes per
+    pixel and channel): the width is resized strip by strip, then the narrow result's height.
+    torch's antialiased bilinear is separable (width first), so the result is bit-identical."""
+    height, width = image.shape[:2]
+    shape = (size, size)
+    if mode == "pad":
+        scale = size / max(height, width)
+        shape = (max(1, round(height * scale)), max(1, round(width * scale)))
+    strips = []
+    rows = max(1, _STRIP_VALUES // (image[0].size or 1))
+    for top in range(0, height, rows):
+        x = to_tensor(image[top : top + rows], as_rgb=False)
+        strips.append(_resize_aa(x, (x.shape[1], shape[1]), antialias=True))
+    x = _resize_aa(torch.cat(strips, dim=1), shape, antialias=True)
+    return fit_to_size(x, size, mode) if mode == "pad" else x
+
+
+def _resize_aa(x: torch.Tensor, shape: tuple[int, int], antialias: bool) -> torch.Tensor:
+    return F.interpolate(
+        x.unsqueeze(0), size=shape, mode="bilinear", antialias=antialias, align_corners=False
+    )[0]
 
 
 def fit_volume(volume: np.ndarray, size: int, mode: str) -> np.ndarray:

@@ -199,15 +199,13 @@ def _mb(v: float | None) -> str:
 
 def plot_latency(record: dict, path: Path) -> Path:
     """Grouped bars: median batch-1 latency per runtime at each thread count (p90 as whisker)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
     threads = sorted({r["threads"] for r in record["rows"]})
     runtimes = [rt for rt in RUNTIMES if any(r["runtime"] == rt for r in record["rows"])]
     width = 0.8 / len(runtimes)
-    fig, ax = plt.subplots(figsize=(5.5, 3.2), dpi=120)
+    fig = Figure(figsize=(5.5, 3.2), dpi=120)
+    ax = fig.subplots()
     for i, rt in enumerate(runtimes):
         rows = {r["threads"]: r for r in record["rows"] if r["runtime"] == rt}
         xs = [j + i * width for j, t in enumerate(threads) if t in rows]
@@ -222,5 +220,4 @@ def plot_latency(record: dict, path: Path) -> Path:
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path

@@ -55,6 +55,9 @@ class PredictCommand:
     #: also write the predictions to this CSV file (segmentation: always written, by default
     #: to <run>/predictions/predictions.csv; masks and overlays go in the CSV's folder)
     out: str | None = None
+    #: files with more pixels (height x width, from the header) are refused, each as an error
+    #: row, before decoding; null: no bound (8192 x 8192 by default)
+    max_pixels: int | None = 8192 * 8192
     show_traceback: bool = False
 
 
@@ -67,6 +70,8 @@ HELP = {
     "runtime": "auto | pytorch | onnx_fp32 | onnx_int8 (auto: checked int8, else fp32 ONNX, else PyTorch)",
     "out": "also write the predictions to this CSV file (segmentation: always written, default "
     "<run>/predictions/predictions.csv; masks, overlays and NIfTI masks go next to it)",
+    "max_pixels": "refuse files with more pixels than this (height x width, read from the "
+    "header before decoding; null: no bound)",
     "data_dir": "folder of the MedMNIST file (default: where the run found it, or MEDLITE_DATA_DIR)",
     "show_traceback": "print the full traceback of medlite's errors",
     "formats": "subset of [onnx_fp32,onnx_int8,torch_export]",
@@ -117,16 +122,14 @@ def parse_args(schema: type, argv: Sequence[str]):
 
 def run_command(main: Callable[[object, Console], int], schema: type, argv: Sequence[str]) -> int:
     """Parse, run, and turn medlite's errors into one message and exit code 1."""
-    from medlite.console import print_error, quiet_third_party
+    from medlite.console import make_console, print_error, quiet_third_party
 
     if any(a in ("-h", "--help", "help") for a in argv):
         print(_usage(schema))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     quiet_third_party()
-    console = Console()
-    if not console.is_terminal:  # piped or captured: don't squeeze tables into 80 columns
-        console = Console(width=160)
+    console = make_console()  # piped or captured: paths whole, tables at full width
     args = None
     try:
         args = parse_args(schema, argv)
@@ -206,7 +209,7 @@ def benchmark_main(args: BenchmarkCommand, console: Console) -> int:
 def predict_main(args: PredictCommand, console: Console) -> int:
     from medlite.deploy.predict import Predictor, write_csv
 
-    predictor = Predictor(args.run, runtime=args.runtime)
+    predictor = Predictor(args.run, runtime=args.runtime, max_pixels=args.max_pixels)
     if predictor.task.kind == "segmentation":
         return _segment_main(predictor, args, console)
     rows = predictor.predict(args.input)

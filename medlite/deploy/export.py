@@ -15,7 +15,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -26,6 +25,7 @@ import torch
 from rich.progress import track
 from torch import nn
 
+from medlite.atomic import DiskFullError, atomic_path, copy_file
 from medlite.compress.base import RunContext
 from medlite.deploy.model_card import (
     EXAMPLES_PNG,
@@ -33,7 +33,14 @@ from medlite.deploy.model_card import (
     plot_segmentation_examples,
     write_model_card,
 )
-from medlite.deploy.onnx import OrtModel, export_onnx, onnx_exporter
+from medlite.deploy.onnx import (
+    OrtModel,
+    export_onnx,
+    model_metadata,
+    onnx_exporter,
+    onnx_opset,
+    write_metadata,
+)
 from medlite.deploy.run_dir import TrainedRun
 from medlite.efficiency import count_macs, count_parameters
 from medlite.errors import ConfigError, MedliteError
@@ -104,12 +111,13 @@ def _torch_export(model: nn.Module, example: torch.Tensor, path: Path) -> nn.Mod
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         program = torch.export.export(model, (x,), dynamic_shapes=({0: batch},))
-    torch.export.save(program, str(path))
+    with atomic_path(path) as tmp:
+        torch.export.save(program, str(tmp))
     return torch.export.load(str(path)).module()
 
 
 def _int8_from_recipe(run: TrainedRun, path: Path) -> dict:
-    shutil.copyfile(run.int8_onnx, path)
+    copy_file(run.int8_onnx, path)
     steps = run.results["compress"]["steps"]
     return {"source": f"the run's compression recipe ({' -> '.join(steps)})"}
 
@@ -128,7 +136,7 @@ def _int8_by_ptq(
     with tempfile.TemporaryDirectory() as tmp:
         ctx = RunContext(cfg=run.cfg, datamodule=dm, output_dir=Path(tmp))
         step.prepare(model, ctx)
-        shutil.copyfile(Path(tmp) / "compressed" / "model_int8.onnx", path)
+        copy_file(Path(tmp) / "compressed" / "model_int8.onnx", path)
     keep = ("calibration_images", "int8_weight_fraction", "weight_dtypes_int8", "preprocess")
     return {"source": "post-training static quantisation (QDQ, ONNX Runtime)"} | {
         k: step.report[k] for k in keep if k in step.report
@@ -256,24 +264,30 @@ def export_run(
 
     formats: dict[str, dict] = {}
     runtimes: dict[str, nn.Module] = {"pytorch": model}
+    metadata = model_metadata(run.data["preprocess"], task.record())
     for fmt in settings.formats:
         path = out / FILE_NAMES[fmt]
         path.unlink(missing_ok=True)
-        entry: dict = {"path": str(path)}
+        entry: dict = {"path": str(path.relative_to(run.path))}  # moves with the run
         log.info("exporting %s as %s", run.name, fmt)
         try:
             if fmt == "onnx_fp32":
-                export_onnx(model, example, path, opset=settings.opset)
+                export_onnx(model, example, path, opset=settings.opset, metadata=metadata)
                 entry["exporter"] = onnx_exporter(path)
+                entry["opset"] = onnx_opset(path)
                 runtimes[fmt] = OrtModel(path, params=params, macs=macs)
             elif fmt == "onnx_int8":
                 if run.int8_onnx is not None:
                     entry |= _int8_from_recipe(run, path)
                 else:
                     entry |= _int8_by_ptq(run, model, dm, settings, path)
+                write_metadata(path, metadata)  # the int8 file explains itself too
+                entry["opset"] = onnx_opset(path)
                 runtimes[fmt] = OrtModel(path, params=params, macs=macs)
             else:
                 runtimes[fmt] = _torch_export(model, example, path)
+        except DiskFullError:
+            raise  # one clear message, not a failed format among others
         except Exception as err:  # noqa: BLE001 - recorded, then raised with the others
             path.unlink(missing_ok=True)
             entry["error"] = f"{type(err).__name__}: {err}"
@@ -365,9 +379,9 @@ def _previous_formats(out: Path, now: dict[str, dict]) -> dict[str, dict]:
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     return {
-        fmt: entry
+        fmt: {**entry, "path": f"{out.name}/{Path(entry['path']).name}"}  # relative to the run
         for fmt, entry in old.items()
         if fmt not in now
         and (entry.get("parity") or {}).get("ok")
-        and Path(entry.get("path", "")).is_file()
+        and (out / Path(entry.get("path", "")).name).is_file()  # this run's file, never another's
     }

@@ -3,6 +3,11 @@
 Written as ``model_card.json`` (for tools) and ``model_card.md`` (for people) in the run
 directory, only from what the run already recorded (results.json, export/export.json,
 export/benchmark.json): the card never measures anything itself, so it can't disagree with them.
+
+``model_card.md`` opens with a Hugging Face-compatible metadata header (YAML front matter written
+by ``huggingface_hub.ModelCard``): licence of the training data, task, dataset, tags and a
+``medlite`` block with the labels, the input specification and the ONNX opset. Neither file holds
+a path of the machine that made it: files are named relative to the run folder.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medlite.atomic import atomic_path, write_text
 from medlite.deploy.run_dir import TrainedRun
 from medlite.results import headline_metrics, metric_title, monitored_metric, write_json
 from medlite.tasks import BINARY, task_record
@@ -24,6 +30,8 @@ log = logging.getLogger(__name__)
 CARD_JSON, CARD_MD = "model_card.json", "model_card.md"
 #: test images drawn with their masks (segmentation runs), written by the export
 EXAMPLES_PNG = "examples.png"
+#: the input specification the hub metadata repeats
+_INPUT_KEYS = ("shape", "input_size", "fit", "mean", "std", "as_rgb", "spatial_dims", "load_size")
 #: what the card keeps of the run's task record (its type and labels are listed separately)
 _TASK_KEYS = ("kind", "metrics", "titles", "headline", "monitor", "mode")
 _RUNTIME_LABELS = {
@@ -40,6 +48,50 @@ def _read(path: Path) -> dict | None:
     except (OSError, json.JSONDecodeError) as err:
         log.warning("ignoring unreadable %s: %s", path, err)
         return None
+
+
+#: the licence of data medlite knows nothing about (a folder of the user's own images)
+UNKNOWN_LICENCE = "unknown — yours (your own images: state their terms)"
+#: Hugging Face licence identifiers of the licences MedMNIST uses
+_HF_LICENCES = {"CC BY 4.0": "cc-by-4.0", "CC BY-NC 4.0": "cc-by-nc-4.0"}
+
+
+def dataset_licence(data: dict) -> str:
+    """The training data's licence: what the source recorded, MedMNIST's ``INFO`` for runs made
+    before sources recorded it, else :data:`UNKNOWN_LICENCE`."""
+    if data.get("license"):
+        return str(data["license"])
+    flag = str(data.get("flag") or data.get("name") or "")
+    try:
+        import medmnist
+
+        return str(medmnist.INFO[flag]["license"])
+    except (ImportError, KeyError):
+        return UNKNOWN_LICENCE
+
+
+def _hub_licence(licence: str, dataset: str) -> dict:
+    """``license`` (and ``license_name`` for others) as the Hugging Face hub names them."""
+    if licence in _HF_LICENCES:
+        return {"license": _HF_LICENCES[licence]}
+    if licence == UNKNOWN_LICENCE:
+        return {"license": "unknown"}
+    slug = "".join(c if c.isalnum() else "-" for c in dataset.lower()).strip("-")
+    return {"license": "other", "license_name": f"{slug}-terms"}
+
+
+def _onnx_opset(run: TrainedRun, export: dict | None) -> int | None:
+    """The ONNX opset of the exported files (export.json, else the fp32 file itself)."""
+    entries = (export or {}).get("formats") or {}
+    for fmt in ("onnx_fp32", "onnx_int8"):
+        if (entries.get(fmt) or {}).get("opset"):
+            return int(entries[fmt]["opset"])
+    path = run.export_dir / "model.onnx"
+    if path.is_file():
+        from medlite.deploy.onnx import onnx_opset
+
+        return onnx_opset(path)
+    return None
 
 
 def _dataset(data: dict) -> str:
@@ -83,13 +135,14 @@ def build_card(run: TrainedRun) -> dict:
     card: dict = {
         "name": run.name,
         "created": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "run_dir": str(run.path),
+        "run_dir": run.path.name,  # the folder's name: no path of the machine that made it
         "model": res["model"] | {"macs": (res.get("efficiency") or {}).get("macs")},
         "task": {
             "dataset": _dataset(run.data),
             "type": run.data["task"],
             "classes": run.data["labels"],
             "synthetic_data": bool(run.data.get("synthetic")),
+            "license": dataset_licence(run.data),
             **{k: record[k] for k in _TASK_KEYS if k in record},
         },
         "input": {
@@ -134,8 +187,9 @@ def build_card(run: TrainedRun) -> dict:
                 fmt: {
                     k: v
                     for k, v in entry.items()
-                    if k in ("path", "size_mb", "exporter", "source", "parity", "test", "error")
+                    if k in ("size_mb", "exporter", "opset", "source", "parity", "test", "error")
                 }
+                | {"path": f"{run.export_dir.name}/{Path(entry['path']).name}"}
                 for fmt, entry in export["formats"].items()
             },
         }
@@ -143,10 +197,11 @@ def build_card(run: TrainedRun) -> dict:
             fmt: e["test"] for fmt, e in export["formats"].items() if "test" in e
         }
         card["versions"] = (card["versions"] or {}) | export.get("versions", {})
+    card["input"]["onnx_opset"] = _onnx_opset(run, export)
     if bench:
         card["efficiency"] = {"machine": bench["machine"], "rows": bench["rows"]}
     plots = {
-        name: str(run.export_dir / f)
+        name: f"{run.export_dir.name}/{f}"  # relative to the run folder
         for name, f in (
             ("latency", "benchmark.png"),
             ("roc", "roc.png"),
@@ -176,13 +231,48 @@ def _fmt(v, digits: int = 3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
+def hub_metadata(card: dict) -> dict:
+    """The card's Hugging Face metadata (``ModelCardData`` fields plus a ``medlite`` block)."""
+    t, inp = card["task"], card["input"]
+    kind = t.get("kind") or "classification"
+    licence = t.get("license") or UNKNOWN_LICENCE
+    return {
+        **_hub_licence(licence, t["dataset"]),
+        "library_name": "onnx",
+        "pipeline_tag": "image-segmentation" if kind == "segmentation" else "image-classification",
+        "tags": ["medlite", "medical-imaging", card["model"].get("paradigm") or "", kind, "onnx"],
+        "datasets": [t["dataset"]],
+        "metrics": list(t.get("metrics") or []),
+        "medlite": {
+            "model": card["model"].get("name"),
+            "arch": card["model"].get("arch"),
+            "task": t["type"],
+            "labels": list(t["classes"]),
+            "dataset_license": licence,
+            "synthetic_data": bool(t.get("synthetic_data")),
+            "input": {k: inp.get(k) for k in _INPUT_KEYS if k in inp},
+            "onnx_opset": inp.get("onnx_opset"),
+        },
+    }
+
+
+def front_matter(card: dict) -> str:
+    """``---``-fenced YAML for the top of model_card.md, as ``huggingface_hub`` writes it."""
+    from huggingface_hub import ModelCardData
+
+    meta = hub_metadata(card)
+    meta["tags"] = [tag for tag in meta["tags"] if tag]
+    return f"---\n{ModelCardData(**meta).to_yaml()}\n---\n\n"
+
+
 def render_markdown(card: dict, base: Path) -> str:
-    """Markdown for people; paths of plots relative to the card so the folder can be moved."""
+    """Markdown for people, after the hub metadata header; paths of plots relative to the card
+    so the folder can be moved."""
     t, inp, m = card["task"], card["input"], card["model"]
     lines = [
-        f"# Model card: {card['name']}",
+        front_matter(card) + f"# Model card: {card['name']}",
         "",
-        f"*Generated by medlite on {card['created']} from `{card['run_dir']}`.*",
+        f"*Generated by medlite on {card['created']} from run `{card['run_dir']}`.*",
         "",
         "## Intended use and limitations",
         "",
@@ -192,6 +282,7 @@ def render_markdown(card: dict, base: Path) -> str:
         "",
         f"- Dataset: **{t['dataset']}**" + (" (SYNTHETIC)" if t["synthetic_data"] else ""),
         f"- Task: {t['type']}",
+        f"- Dataset licence: {t.get('license') or UNKNOWN_LICENCE}",
         f"- Classes (output order): {', '.join(f'{i}: {c}' for i, c in enumerate(t['classes']))}",
         "",
         "## Input specification",
@@ -200,6 +291,10 @@ def render_markdown(card: dict, base: Path) -> str:
         f"- Size: {inp['input_size']} px, fit: `{inp['fit']}`; {'RGB' if inp['as_rgb'] else 'grayscale'}",
         f"- Normalisation: mean {inp['mean']}, std {inp['std']} ({inp['pixel_scaling']})",
         *(f"- Output {k}: {v}" for k, v in (card.get("output") or {}).items()),
+        f"- ONNX opset: {inp['onnx_opset']} (the ONNX files carry this specification, the labels "
+        "and the task in their metadata)"
+        if inp.get("onnx_opset")
+        else "- ONNX: not exported yet",
         "",
         "## Model and training data",
         "",
@@ -302,7 +397,7 @@ def write_model_card(run: TrainedRun | str | Path) -> tuple[Path, Path]:
     card = build_card(run)
     json_path = write_json(run.path / CARD_JSON, card)
     md_path = run.path / CARD_MD
-    md_path.write_text(render_markdown(card, run.path))
+    write_text(md_path, render_markdown(card, run.path))
     log.info("model card: %s", md_path)
     return md_path, json_path
 
@@ -311,12 +406,10 @@ def plot_roc(labels: np.ndarray, scores: dict[str, np.ndarray], task, path: Path
     """ROC curves of a classification task on the test split (``task.roc_curves``): one per
     runtime for binary tasks (they should overlap), one per class (one-vs-rest, the first ten
     classes that have both outcomes) of the first runtime otherwise."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4, 4), dpi=120)
+    fig = Figure(figsize=(4, 4), dpi=120)
+    ax = fig.subplots()
     if task.type == BINARY:
         for rt, s in scores.items():
             for _, curve in task.roc_curves(labels, s):
@@ -336,8 +429,8 @@ def plot_roc(labels: np.ndarray, scores: dict[str, np.ndarray], task, path: Path
     ax.set_ylabel("sensitivity")
     ax.legend(fontsize=7, frameon=False, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     return path
 
 
@@ -351,16 +444,14 @@ def plot_segmentation_examples(
 ) -> Path:
     """One panel per image: the predicted mask tinted and outlined in each class's colour, the
     reference mask outlined in white (:func:`medlite.deploy.masks.overlay`), with a legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
     from matplotlib.patches import Patch
 
     from medlite.deploy.masks import class_colour, overlay
 
     n = len(images)
-    fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 2.9), dpi=120, squeeze=False)
+    fig = Figure(figsize=(2.4 * n, 2.9), dpi=120)
+    axes = fig.subplots(1, n, squeeze=False)
     for ax, image, truth, pred, title in zip(axes[0], images, truths, preds, titles, strict=True):
         ax.imshow(overlay(image, pred, reference=truth))
         ax.set_title(title, fontsize=7)
@@ -373,6 +464,6 @@ def plot_segmentation_examples(
     handles.append(Patch(facecolor="white", edgecolor="black", label="reference outline"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     return path

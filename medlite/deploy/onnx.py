@@ -4,12 +4,20 @@ ONNX Runtime is where medlite's int8 models run (it is really faster than eager 
 and it is the edge-deployment runtime), so every quantised model is an ONNX file. ``OrtModel``
 wraps such a file so that evaluation, the Lightning test loop and ``profile_model`` can treat it
 like any other model.
+
+Every file medlite exports explains itself: its ``metadata_props`` hold, as JSON strings, the
+preprocessing (:data:`META_PREPROCESS`: input size, fit, mean/std, channels, spatial dims, how
+pixels become the input), the class labels in output order (:data:`META_LABELS`) and the task
+with how logits become probabilities (:data:`META_TASK`), next to the exporter and the torch
+version. :func:`read_metadata` reads them back, with any ONNX tool or ONNX Runtime's
+``get_modelmeta().custom_metadata_map``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import sys
@@ -22,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medlite.atomic import DiskFullError, atomic_path
 from medlite.errors import TrainingError
 
 log = logging.getLogger(__name__)
@@ -30,6 +39,15 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 #: metadata key recording which exporter wrote a file (see :func:`onnx_exporter`)
 EXPORTER_KEY = "medlite.exporter"
+#: metadata keys (JSON values) that make a file usable without its run folder
+META_PREPROCESS, META_LABELS, META_TASK = "medlite.preprocess", "medlite.labels", "medlite.task"
+#: how a uint8 image becomes the model's input (what :class:`~medlite.data.transforms.Preprocess`
+#: does), recorded with the numbers
+PIXEL_SCALING = (
+    "uint8 image / 255, fitted to input_size (fit: resize = bilinear, antialiased when "
+    "shrinking; pad = keep aspect ratio, black borders), then (x - mean) / std per channel; "
+    "layout N, C, *spatial"
+)
 #: opset for the legacy (TorchScript) exporter when none is given; QDQ per-channel needs >= 13
 LEGACY_OPSET = 17
 
@@ -139,7 +157,71 @@ def _export_legacy(model: nn.Module, x: torch.Tensor, path: Path, opset: int | N
 _EXPORTERS = {"dynamo": _export_dynamo, "legacy": _export_legacy}
 
 
-def _embed_and_tag(path: Path, exporter: str, model: nn.Module) -> None:
+def model_metadata(preprocess: dict, task: dict) -> dict[str, str]:
+    """The self-describing metadata of an exported model, from a run's ``preprocess`` spec
+    (:meth:`Preprocess.describe`) and ``task`` record (:meth:`Task.record`)."""
+    mean = [float(m) for m in preprocess["mean"]]
+    spatial = int(preprocess.get("spatial_dims") or 2)
+    spec = {
+        "input_size": int(preprocess["input_size"]),
+        "fit": preprocess.get("fit", "resize"),
+        "mean": mean,
+        "std": [float(s) for s in preprocess["std"]],
+        "channels": len(mean),
+        "as_rgb": bool(preprocess.get("as_rgb")),
+        "spatial_dims": spatial,
+        "load_size": preprocess.get("load_size"),
+        "input_shape": [len(mean)] + [int(preprocess["input_size"])] * spatial,
+        "pixel_scaling": PIXEL_SCALING,
+    }
+    multilabel = "multi-label" in str(task.get("type"))
+    kind = task.get("kind") or "classification"
+    scores = "sigmoid per class" if multilabel else "softmax over classes"
+    if kind == "segmentation":
+        scores = "softmax over classes (axis 1), per pixel; argmax = the class-index mask"
+    record = {"kind": kind, "type": task.get("type"), "scores": scores}
+    return {
+        META_PREPROCESS: json.dumps(spec),
+        META_LABELS: json.dumps(list(task.get("labels") or [])),
+        META_TASK: json.dumps(record),
+    }
+
+
+def write_metadata(path: str | os.PathLike, props: dict[str, str]) -> None:
+    """Add (or replace) ``metadata_props`` of an ONNX file, keeping the others."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    merged = {p.key: p.value for p in proto.metadata_props} | dict(props)
+    onnx.helper.set_model_props(proto, merged)
+    with atomic_path(Path(path)) as tmp:
+        onnx.save_model(proto, str(tmp))
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """An ONNX file's ``metadata_props``, medlite's JSON values decoded."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    props: dict = {p.key: p.value for p in proto.metadata_props}
+    for key in (META_PREPROCESS, META_LABELS, META_TASK):
+        if key in props:
+            props[key] = json.loads(props[key])
+    return props
+
+
+def onnx_opset(path: str | os.PathLike) -> int | None:
+    """The default-domain (``ai.onnx``) opset a file was written for."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    found = [int(o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    return found[0] if found else None
+
+
+def _embed_and_tag(
+    path: Path, exporter: str, model: nn.Module, metadata: dict[str, str] | None = None
+) -> None:
     """One self-contained file (no ``.data`` next to it) that records how it was made, without
     the exporter's per-node debugging metadata."""
     import onnx
@@ -165,6 +247,7 @@ def _embed_and_tag(path: Path, exporter: str, model: nn.Module) -> None:
     props.update(
         {EXPORTER_KEY: exporter, "medlite.model": type(model).__name__, "torch": torch.__version__}
     )
+    props.update(metadata or {})
     onnx.helper.set_model_props(proto, props)
     onnx.save_model(proto, str(path))
     for name in external:
@@ -219,13 +302,15 @@ def export_onnx(
     *,
     opset: int | None = None,
     exporter: str = "auto",
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """Export ``model`` (in eval mode) to one self-contained ONNX file; returns its path.
 
     Input ``image`` (N, C, H, W) with a dynamic batch dimension, output ``logits``. The dynamo
     exporter is tried first (it handles more modern models); if it fails, or its graph does not
     match PyTorch at batch 1 and at an unseen batch size, the legacy TorchScript exporter is
-    tried, with a warning. ``exporter="dynamo"`` or ``"legacy"`` forces one. Raises
+    tried, with a warning. ``exporter="dynamo"`` or ``"legacy"`` forces one. ``metadata``
+    (:func:`model_metadata`) is stored in the file's ``metadata_props``. Raises
     :class:`OnnxExportError` (a TrainingError) naming the model class when both fail.
     """
     order = ["dynamo", "legacy"] if exporter == "auto" else [exporter]
@@ -254,10 +339,16 @@ def export_onnx(
         for i, which in enumerate(order):
             _remove(path)
             try:
-                with _quiet(), torch.no_grad():
-                    _EXPORTERS[which](model, x, path, opset)
-                _embed_and_tag(path, which, model)
-                _check_export(path, x, ref, model)
+                with atomic_path(path) as tmp:  # checked before it takes the final name
+                    try:
+                        with _quiet(), torch.no_grad():
+                            _EXPORTERS[which](model, x, tmp, opset)
+                        _embed_and_tag(tmp, which, model, metadata)
+                        _check_export(tmp, x, ref, model)
+                    finally:
+                        tmp.with_name(tmp.name + ".data").unlink(missing_ok=True)
+            except DiskFullError:
+                raise
             except Exception as err:  # noqa: BLE001  (any exporter failure: try the next)
                 errors[which] = _reason(err)
                 _remove(path)

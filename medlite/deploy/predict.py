@@ -6,6 +6,13 @@ is resized, channel-matched and normalised exactly as in training. Nothing here 
 connection or logs anywhere but the local console: patient images never leave the machine.
 A file that can't be read becomes an error row; the other files of a folder still run.
 
+Memory: a file larger than ``max_pixels`` (default :data:`~medlite.data.readers.MAX_PIXELS`,
+8192 x 8192) is refused from its header, before decoding, as an error row. Below that, one 2D
+image costs about 3 bytes per pixel (grayscale, 8- or 16-bit) or 7 (RGB) at its peak: the
+decoded file plus the uint8 image; scaling and resizing run strip by strip (a 16-bit
+8000 x 8000 PNG: ~210 MB above the process's baseline, tested). A segmentation run also draws
+its overlay at the file's own size, in float32: about 20 bytes per pixel more.
+
 A volume run (a 3D model) takes NIfTI files and DICOM series folders
 (:mod:`medlite.data.volumes`): each is read, resampled and fitted to the training size by the
 rule the folder source used, then classified: one probability row per volume. A 2D model given a
@@ -32,10 +39,16 @@ import torch
 from torch import nn
 
 from medlite.data import volumes
-from medlite.data.readers import InputError, conform_channels, list_inputs, read_image
+from medlite.data.readers import (
+    MAX_PIXELS,
+    InputError,
+    conform_channels,
+    list_inputs,
+    read_image,
+)
 from medlite.deploy import masks as seg
 from medlite.deploy.export import FILE_NAMES
-from medlite.deploy.onnx import OrtModel
+from medlite.deploy.onnx import META_PREPROCESS, OrtModel, model_metadata, read_metadata
 from medlite.deploy.run_dir import TrainedRun
 from medlite.errors import ConfigError
 
@@ -69,10 +82,19 @@ class Prediction:
 class Predictor:
     """A run's model plus its preprocessing; ``runtime`` picks PyTorch or an exported file."""
 
-    def __init__(self, run: TrainedRun | str | Path, runtime: str = "auto") -> None:
+    def __init__(
+        self,
+        run: TrainedRun | str | Path,
+        runtime: str = "auto",
+        max_pixels: int | None = MAX_PIXELS,
+    ) -> None:
         self.run = run if isinstance(run, TrainedRun) else TrainedRun.load(run)
         if runtime not in RUNTIMES:
             raise ConfigError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+        if max_pixels is not None and max_pixels < 1:
+            raise ConfigError(f"max_pixels must be a positive number of pixels, got {max_pixels}")
+        #: files whose header declares more pixels are refused before decoding (an error row)
+        self.max_pixels = max_pixels
         self.runtime = self._choose(runtime)
         self.model = self._load(self.runtime)
         self.task = self.run.task
@@ -102,7 +124,26 @@ class Predictor:
                 f"runtime={runtime} needs {path}; export it first: "
                 f"python scripts/export.py run={self.run.path}"
             )
+        self._check_metadata(path)
         return OrtModel(path)
+
+    def _check_metadata(self, path: Path) -> None:
+        """An ONNX file states the preprocessing it was exported with: refuse one that disagrees
+        with the run's (a file copied from another run), rather than predict with the wrong
+        size or normalisation. Files exported before medlite wrote metadata pass."""
+        stated = read_metadata(path).get(META_PREPROCESS)
+        if not stated:
+            return
+        spec = self.run.data["preprocess"]
+        want = json.loads(model_metadata(spec, self.run.task.record())[META_PREPROCESS])
+        keys = ("input_size", "fit", "mean", "std", "channels", "spatial_dims")
+        differ = [k for k in keys if stated.get(k) != want[k]]
+        if differ:
+            raise ConfigError(
+                f"{path} was exported with another preprocessing than run {self.run.path} "
+                f"records ({', '.join(f'{k}: {stated.get(k)} vs {want[k]}' for k in differ)}); "
+                f"re-export it: python scripts/export.py run={self.run.path}"
+            )
 
     def preprocess(self, path: Path) -> tuple[torch.Tensor, tuple[int, ...]]:
         """File -> the (1, C, H, W) tensor the model was trained on, and the file's own shape
@@ -111,7 +152,7 @@ class Predictor:
             pre = self.run.preprocess
             array, shape = volumes.read_fitted(path, pre.load_size or pre.input_size, pre.fit)
             return pre(array).unsqueeze(0), shape
-        image = read_image(path)
+        image = read_image(path, self.max_pixels)
         shape = tuple(image.shape)
         image = conform_channels(image, self.run.in_chans, path)
         return self.run.preprocess(np.ascontiguousarray(image)).unsqueeze(0), shape
@@ -142,7 +183,7 @@ class Predictor:
 
     def _segment(self, path: Path, out_dir: str | Path | None, name: Path | None) -> Prediction:
         try:
-            image = read_image(path)
+            image = read_image(path, self.max_pixels)
             shape = tuple(image.shape)
             x = self.run.preprocess(
                 np.ascontiguousarray(conform_channels(image, self.run.in_chans, path))

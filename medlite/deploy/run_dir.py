@@ -16,8 +16,9 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from medlite.build import build_datamodule, build_model
-from medlite.checkpoints import load_module, load_weights
+from medlite.build import build_datamodule
+from medlite.checkpoints import load_weights, run_file
+from medlite.compress.structure import build_args, build_reference, load_compressed
 from medlite.data.transforms import Preprocess
 from medlite.errors import ConfigError
 from medlite.tasks import Task, get_task
@@ -122,28 +123,23 @@ class TrainedRun:
         return path if path is not None and path.suffix == ".onnx" and path.is_file() else None
 
     def _local(self, recorded: str) -> Path:
-        """A path recorded in results.json, found again if the run folder was moved or copied."""
-        p = Path(recorded)
-        if p.is_file():
-            return p
-        try:
-            rel = p.relative_to(self.results["run_dir"])
-        except (KeyError, ValueError):
-            return p
-        return self.path / rel
+        """A path recorded in results.json, in this run folder (a moved or copied run uses its
+        own files); one leading outside the run directory is refused (ConfigError)."""
+        return run_file(recorded, self.path, self.results.get("run_dir"))
 
     # ------------------------------------------------------------------ the trained model
     def torch_model(self) -> nn.Module:
         """The final PyTorch model in eval mode on CPU.
 
         A compressed network (pruned, factorised, or the fp32 model an int8 file was made from)
-        was saved whole; otherwise the config's model gets the best checkpoint's weights.
-        Whole-module files are unpickled: deploy only runs you trust (your own).
+        is rebuilt from its weights and structural record; otherwise the config's model gets the
+        best checkpoint's weights. Every file is read weights-only: a run folder from someone
+        else can't run code.
         """
         for name in ("compressed/model.pt", "compressed/model_fp32.pt"):
             file = self.path / name
-            if file.is_file():
-                model = load_module(file)
+            if file.is_file() or file.is_symlink():
+                model = load_compressed(run_file(name, self.path))
                 log.info("PyTorch model: %s", file)
                 return model.eval()
         if (self.results.get("compression") or {}).get("steps"):
@@ -161,9 +157,10 @@ class TrainedRun:
         ckpt_path = self._local(ckpt)
         if not ckpt_path.is_file():
             raise ConfigError(f"the run's checkpoint {ckpt_path} is missing")
-        model = build_model(
+        build = build_args(
             self.cfg.model, self.task.num_outputs, self.in_chans, self.input_shape[1]
         )
+        model = build_reference(build)  # no download, no file named by the record
         load_weights(model, ckpt_path, self.cfg.model.arch)
         log.info("PyTorch model: %s with %s", self.cfg.model.arch, ckpt_path)
         return model.eval()

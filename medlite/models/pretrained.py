@@ -15,6 +15,12 @@ checkpoint dict holding one under ``state_dict``/``model``, a medlite Lightning 
 Everything else must match exactly (a strict load), so a file for another architecture fails with a
 message instead of silently leaving the model random.
 
+Normalisation: ImageNet weights expect the inputs normalised as they were in training, so with
+``model.pretrained=true`` (and ``data.mean``/``data.std`` left null) the run's preprocessing uses
+the checkpoint's own mean and std from timm's ``pretrained_cfg`` (:func:`pretrained_normalisation`;
+averaged over RGB for 1-channel input, matching the summed first-conv kernels), and warns when
+timm records none. The numbers reach results.json, the model card and the ONNX metadata.
+
 Offline behaviour: weights already in the Hugging Face or torch hub cache load without any network
 access. Otherwise the hub host is probed with a short timeout first; without network the call fails
 at once with a :class:`~medlite.errors.ConfigError` that says how to use ``model.pretrained_file``
@@ -82,6 +88,23 @@ def create_pretrained(
             cfg.update(num_classes=target.pretrained_cfg.get("num_classes"))
     log.info("loaded pretrained weights for %s from %s", arch, source)
     return model
+
+
+def pretrained_normalisation(arch: str) -> tuple[list[float], list[float]] | None:
+    """The RGB ``(mean, std)`` timm's default pretrained checkpoint of ``arch`` was trained with
+    (its ``pretrained_cfg``; no download), or None with a warning when timm records none."""
+    import timm.models
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    mean, std = (getattr(cfg, "mean", None), getattr(cfg, "std", None)) if cfg else (None, None)
+    if not mean or not std or len(mean) != len(std):
+        log.warning(
+            "timm records no input normalisation for %r's pretrained weights; inputs use "
+            "data.mean/data.std (default 0.5): set them to what the weights were trained with",
+            arch,
+        )
+        return None
+    return [float(m) for m in mean], [float(s) for s in std]
 
 
 def load_weights_file(

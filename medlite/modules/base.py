@@ -15,13 +15,18 @@ import hydra
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from medlite.compress.base import LossTerm
-from medlite.errors import ConfigError
-from medlite.tasks import Task
+from medlite.errors import ConfigError, TrainingError
+from medlite.tasks import Task, get_task
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteOutputError(TrainingError):
+    """Validation or test outputs became NaN/inf (non-finite weights)."""
 
 
 class MedliteModule(pl.LightningModule):
@@ -35,17 +40,40 @@ class MedliteModule(pl.LightningModule):
 
     def __init__(
         self,
-        model: nn.Module,
-        task: Task,
-        optim: dict,
+        model: nn.Module | None = None,
+        task: Task | dict | None = None,
+        optim: dict | None = None,
         scheduler: dict | None = None,
         label_smoothing: float = 0.0,
-        class_weights: torch.Tensor | None = None,
+        class_weights: torch.Tensor | Sequence[float] | None = None,
         loss_terms: Sequence[LossTerm] = (),
         task_loss_weight: float = 1.0,
         log_prefix: str = "",
+        model_spec: dict | None = None,
     ) -> None:
+        """``model=None`` with ``model_spec``, ``task`` as a dict and ``class_weights`` as a list
+        is how ``load_from_checkpoint`` calls it, with the hyperparameters saved below."""
         super().__init__()
+        if model is None:
+            model = _rebuild(model_spec)
+        else:
+            model_spec = model_spec or _spec_of(model)
+        if isinstance(task, dict):
+            task = get_task(task["type"], task["labels"])
+        if task is None or optim is None:
+            raise ConfigError(f"{type(self).__name__} needs a task and optimiser settings")
+        if class_weights is not None and not isinstance(class_weights, torch.Tensor):
+            class_weights = torch.tensor([float(w) for w in class_weights], dtype=torch.float32)
+        hparams = _hyperparameters(task, class_weights, model_spec)
+        hparams.update(
+            optim=_plain(optim),
+            scheduler=_plain(scheduler) if scheduler else None,
+            label_smoothing=float(label_smoothing),
+            task_loss_weight=float(task_loss_weight),
+            log_prefix=log_prefix,
+        )
+        # logger=False: the run's config is logged already; these are for load_from_checkpoint
+        self.save_hyperparameters(hparams, logger=False)
         self.model = model
         self.task = task
         self.optim_cfg = dict(optim)
@@ -91,11 +119,26 @@ class MedliteModule(pl.LightningModule):
     def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], split: str) -> None:
         x, y = batch
         logits = self(x)
+        self._check_finite(split, logits)
         loss = self.task.loss(logits, self.task.targets(y), class_weights=self.class_weights)
         self._log(f"{split}/loss", loss, on_step=False, on_epoch=True, batch_size=len(x))
         self._scores[split].append(
             (y.detach().cpu(), self.task.eval_outputs(logits.float()).detach().cpu())
         )
+
+    def _check_finite(self, split: str, logits: torch.Tensor) -> None:
+        """The training-loss guard (NaNGuard) sees the loss before a step; weights that step
+        turns non-finite (e.g. an epoch's last) first show here, as NaN/inf outputs: stop with
+        one message before any metric or checkpoint sees them."""
+        bad = int(logits.numel() - torch.isfinite(logits).sum())
+        if bad:
+            epoch = self.current_epoch if self._trainer is not None else "?"
+            raise NonFiniteOutputError(
+                f"the model's {split} outputs are NaN/inf ({bad} of {logits.numel()} values in a "
+                f"batch) at epoch {epoch}: its weights became non-finite. Training stopped; "
+                "checkpoints saved before this point are kept. Try a lower optim.lr, gradient "
+                "clipping (trainer.gradient_clip_val=1.0) or fp32 precision."
+            )
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -160,6 +203,51 @@ class MedliteModule(pl.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+
+def _plain(settings) -> dict:
+    """A settings mapping (dict or DictConfig) as a plain dict."""
+    if OmegaConf.is_config(settings):
+        return OmegaConf.to_container(settings, resolve=True)
+    return dict(settings)
+
+
+def _spec_of(model: nn.Module) -> dict | None:
+    """The ``medlite_spec`` :func:`medlite.build.build_model` stamped on ``model``, or None when
+    the network has since been pruned, factorised or quantised (its config no longer builds it)."""
+    from medlite.build import network_fingerprint
+
+    spec = getattr(model, "medlite_spec", None)
+    if not isinstance(spec, dict) or spec.get("fingerprint") != network_fingerprint(model):
+        return None
+    return spec
+
+
+def _rebuild(spec: dict | None) -> nn.Module:
+    """The network of a checkpoint's ``model_spec`` (``load_from_checkpoint``)."""
+    if not spec:
+        raise ConfigError(
+            "this checkpoint can't rebuild its network from a config (no model_spec: it was "
+            "pruned, factorised or quantised during training, or saved before medlite kept "
+            "one): load the run's compressed/model.pt with "
+            "medlite.compress.structure.load_compressed"
+        )
+    from medlite.build import rebuild_model
+
+    return rebuild_model(spec["config"], spec["num_classes"], spec["in_chans"], spec["img_size"])
+
+
+def _hyperparameters(
+    task: Task, class_weights: torch.Tensor | None, model_spec: dict | None
+) -> dict:
+    """The constructor arguments a checkpoint keeps that need converting to plain containers
+    (loadable with ``weights_only=True``). Loss terms (a distillation teacher) are not kept: a
+    loaded module evaluates and fine-tunes on the task loss alone."""
+    return {
+        "task": {"type": task.type, "labels": list(task.labels)},
+        "class_weights": None if class_weights is None else class_weights.tolist(),
+        "model_spec": model_spec,
+    }
 
 
 class _LRFactor:

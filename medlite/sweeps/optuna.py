@@ -44,9 +44,9 @@ from medlite.results import lookup, read_json
 
 log = logging.getLogger(__name__)
 
-# The name Hydra's config uses for this sweeper (conf/hydra/sweeper/medlite_optuna.yaml), see
-# :func:`register_with_hydra`.
-HYDRA_TARGET = "hydra_plugins.medlite.OptunaSweeper"
+# Hydra instantiates this sweeper (conf/hydra/sweeper/medlite_optuna.yaml) under the name
+# hydra_plugins.medlite.OptunaSweeper: medlite/sweeps/hydra_plugins/medlite.py, installed as part
+# of Hydra's plugin namespace package, where Hydra's plugin scan finds it.
 
 # hydra.sweeper.sampler -> optuna.samplers class
 SAMPLERS = {
@@ -427,10 +427,11 @@ def write_study_report(study, objectives: list[Objective], out_dir: Path) -> dic
 
 def print_study_report(summary: dict, sweep_dir: Path) -> None:
     """The best trial (or the Pareto front) with the overrides that reproduce it."""
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from medlite.console import make_console
+
+    console = make_console()
     console.print(
         f"Optuna study {summary['study']}: [bold]{summary['n_complete']}[/bold] trial(s) "
         f"complete, [bold red]{summary['n_failed']}[/bold red] failed"
@@ -460,16 +461,14 @@ def print_study_report(summary: dict, sweep_dir: Path) -> None:
 def _plot_history(trials, objectives: list[Objective], best, path: Path) -> None:
     """One objective: value per trial with the running best, failed trials marked at the
     bottom. Two or more: the first two objectives against each other, the front highlighted."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import optuna
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
     State = optuna.trial.TrialState
     done = [t for t in trials if t.state == State.COMPLETE]
     failed = [t for t in trials if t.state == State.FAIL]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
     if len(objectives) == 1:
         o = objectives[0]
         xs = [t.number for t in done]
@@ -514,17 +513,3 @@ def _plot_history(trials, objectives: list[Objective], best, path: Path) -> None
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------------------- registration
-
-
-def register_with_hydra() -> None:
-    """Make ``_target_: hydra_plugins.medlite.OptunaSweeper`` resolve to this class.
-
-    Hydra only instantiates plugins found by scanning the ``hydra_plugins`` namespace package,
-    and a PEP 660 editable install (``pip install -e .``) hides a package there from that scan.
-    ``train.py`` calls this before Hydra starts, which works for editable and normal installs.
-    """
-    Plugins.instance().class_name_to_class.setdefault(HYDRA_TARGET, OptunaSweeper)

@@ -127,8 +127,8 @@ def test_kd_from_a_checkpoint_teacher_trains_student_and_leaves_teacher_unchange
     tmp_path: Path,
 ) -> None:
     first = _run(tmp_path / "teacher", ["model=resnet18"])
-    ckpt = first["best_checkpoint"]
-    before = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    ckpt = tmp_path / "teacher" / first["best_checkpoint"]  # recorded relative to the run
+    before = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     res = _run(
         tmp_path / "student",
         [
@@ -143,28 +143,44 @@ def test_kd_from_a_checkpoint_teacher_trains_student_and_leaves_teacher_unchange
     assert [s["stage"] for s in comp["stages"]] == ["teacher", "kd"]
     assert comp["teacher"]["source"] == "ckpt"
     assert comp["stages"][0]["efficiency"]["params"] > 10 * res["model"]["params"]
-    after = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    after = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)
     # the teacher is not part of the student's checkpoints
     kd_ckpt = next((tmp_path / "student" / "checkpoints" / "kd").glob("best-*.ckpt"))
-    state = torch.load(kd_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(kd_ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert not any("teacher" in k for k in state)
     kd_loss = _metric_by_epoch(tmp_path / "student" / "metrics.csv", "kd/train/loss_kd")
     assert len(kd_loss) == 4 and kd_loss[-1] < kd_loss[0]
 
 
 def test_teacher_is_trained_once_then_reused_from_the_cache(tmp_path: Path) -> None:
-    cache = tmp_path / "cache"
-    common = ["compress=kd", f"paths.cache_dir={cache}", "max_phase_epochs=1"]
-    first = _run(tmp_path / "a", common)
+    from tests.compress.test_teacher_cache import TINY_TEACHER
+
+    # no debug caps (a teacher trained under them is never cached): one short, whole epoch
+    common = [
+        "compress=kd",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "callbacks=none",
+        "profile.enabled=false",
+        "trainer.max_epochs=1",
+        "compress.steps.0.epochs=1",
+        *TINY_TEACHER,
+    ]
+
+    def full_run(out: Path, overrides: list[str]) -> dict:
+        run(make_cfg(out, overrides))
+        return json.loads((out / "results.json").read_text())
+
+    first = full_run(tmp_path / "a", common)
     info = first["compression"]["teacher"]
     assert info["source"] == "train" and Path(info["cached"]).is_file()
-    assert Path(info["path"]).is_file()  # the run keeps its own copy
-    second = _run(tmp_path / "b", common)
+    assert info["path"] == "teacher/teacher.ckpt"  # the run keeps its own copy, relative
+    assert (tmp_path / "a" / info["path"]).is_file()
+    second = full_run(tmp_path / "b", common)
     assert second["compression"]["teacher"]["source"] == "cache"
     assert second["compression"]["teacher"]["test"] == pytest.approx(info["test"])
     # a different seed is a different teacher
-    third = _run(tmp_path / "c", [*common, "seed=7"])
+    third = full_run(tmp_path / "c", [*common, "seed=7"])
     assert third["compression"]["teacher"]["source"] == "train"
 
 
@@ -176,7 +192,7 @@ def test_feature_kd_trains_the_adapter_with_the_student(tmp_path: Path) -> None:
     assert {f["kind"] for f in layers} == {"fitnet", "attention"}
     assert layers[0]["student"] and layers[0]["teacher"].startswith("layer")
     kd_ckpt = next((tmp_path / "run" / "checkpoints" / "kd").glob("last*.ckpt"))
-    state = torch.load(kd_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(kd_ckpt, map_location="cpu", weights_only=True)["state_dict"]
     adapters = [k for k in state if "adapter" in k]
     assert adapters, "the FitNet adapter must be trained (and saved) with the student"
 

@@ -14,9 +14,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from medlite.checkpoints import load_module, save_module
 from medlite.compress import RunContext, build_steps
 from medlite.compress.prune import StructuredPruneStep, UnstructuredPruneStep
+from medlite.compress.structure import context_build_args, load_compressed, save_compressed
 from medlite.efficiency import count_macs, count_parameters
 from medlite.errors import ConfigError
 from medlite.pipeline import run
@@ -75,16 +75,16 @@ def test_pruned_model_round_trips_through_a_file(tmp_path: Path) -> None:
     fresh = copy.deepcopy(model)
     step = StructuredPruneStep(ratio=0.5, iterative_steps=1, recover_batches=0)
     pruned = step.prepare(model, ctx)
-    path = save_module(pruned, tmp_path / "pruned.pt", arch="litecnn", report=step.report)
-    loaded = load_module(path)
     x = ctx.example_input(4)
+    path = save_compressed(pruned, tmp_path / "pruned.pt", context_build_args(ctx), x)
+    loaded = load_compressed(path)
     assert torch.equal(_logits(pruned, x), _logits(loaded, x))
     assert count_parameters(loaded) == count_parameters(pruned)
     with pytest.raises(RuntimeError, match="size mismatch"):  # why weights alone can't do it
         fresh.load_state_dict(loaded.state_dict())
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(ConfigError, match="not a model saved by medlite"):
-        load_module(tmp_path / "other.pt")
+    with pytest.raises(ConfigError, match="not a compressed model saved by medlite"):
+        load_compressed(tmp_path / "other.pt")
 
 
 @pytest.mark.parametrize(
@@ -253,5 +253,6 @@ def test_prune_recipe_runs_end_to_end_and_saves_the_pruned_model(tmp_path: Path)
     assert report["speedup"] > 2.5 and report["macs_final"] == report["macs_after"]
     before, after = (s["efficiency"] for s in results["compression"]["stages"])
     assert after["macs"] == report["macs_after"] < before["macs"]
-    model = load_module(results["compression"]["saved"])  # the pipeline's whole-module file
+    saved = results["compression"]["saved"]  # weights + structural record, relative to the run
+    model = load_compressed(tmp_path / saved)
     assert count_parameters(model) == report["params_after"] == after["params"]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from medlite.checkpoints import load_module
+from medlite.compress.structure import load_compressed
 from medlite.errors import ConfigError
 from medlite.pipeline import run
 from tests.helpers import CONF_DIR, make_cfg
@@ -27,7 +27,7 @@ def base_ckpt(tmp_path_factory, shared_data: Path) -> str:
     """One briefly trained LiteCNN on BreastMNIST, the base every recipe starts from."""
     out = tmp_path_factory.mktemp("base")
     res = _run(out, [f"paths.data_dir={shared_data}"])
-    return res["best_checkpoint"]
+    return str(out / res["best_checkpoint"])
 
 
 def _stage(res: dict, name: str) -> dict:
@@ -72,7 +72,7 @@ def test_recipe_runs_on_breastmnist(recipe: str, tmp_path: Path, shared_data, ba
             assert before["size_mb"] / after["size_mb"] > 2.5
     if kinds[-1] in ("prune",):
         assert after["macs"] < 0.6 * before["macs"]  # ratio 0.5 of channels: ~4x fewer MACs
-        model = load_module(res["compression"]["saved"])
+        model = load_compressed(tmp_path / "run" / res["compression"]["saved"])
         assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 2)  # saved and loads
     if kinds[-1] == "prune_unstructured":
         assert report["sparsity"] == pytest.approx(0.5, abs=0.02)

@@ -21,7 +21,7 @@ from medlite.tasks import BINARY, MULTILABEL, ORDINAL
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # The augmentation every MedMNIST / synthetic data option trains with by default.
-DEFAULT_AUGMENT = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "data" / "base.yaml").augment)
+DEFAULT_AUGMENT = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "data_base.yaml").augment)
 
 REAL = {
     # flag: (channels, task type, number of outputs)

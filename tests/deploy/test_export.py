@@ -53,13 +53,14 @@ def test_train_with_export_writes_checked_formats(exported_run: Path):
     assert int8["parity"]["drop"] == pytest.approx(drop)
     assert int8["parity"]["tolerance"] == {"drop": ExportSettings().int8_max_drop}
     assert int8["parity"]["ok"] is True
-    counts = onnx_weight_dtypes(int8["path"])
+    counts = onnx_weight_dtypes(exported_run / int8["path"])
     assert counts.get("int8", 0) > 0.9 * sum(counts.values())
     assert int8["size_mb"] < 0.5 * fmts["onnx_fp32"]["size_mb"]
     for name, entry in fmts.items():
-        assert Path(entry["path"]).is_file(), name
+        assert not Path(entry["path"]).is_absolute(), name  # relative to the run directory
+        assert (exported_run / entry["path"]).is_file(), name
     # no exporter debugging metadata (stack traces with local source paths) in shipped files
-    assert b'.py", line' not in Path(fmts["onnx_fp32"]["path"]).read_bytes()
+    assert b'.py", line' not in (exported_run / fmts["onnx_fp32"]["path"]).read_bytes()
 
 
 def test_exported_files_run_on_their_own(exported_run: Path, shared_data: Path):
@@ -253,7 +254,7 @@ def test_compressed_runs_export_their_compressed_model(recipe, exported_run, tmp
     from medlite.pipeline import run as train_run
     from tests.helpers import make_cfg
 
-    base = json.loads((exported_run / "results.json").read_text())["best_checkpoint"]
+    base = exported_run / json.loads((exported_run / "results.json").read_text())["best_checkpoint"]
     out = tmp_path / recipe
     cfg = make_cfg(
         out,

@@ -87,7 +87,7 @@ def test_export_parity_is_measured_in_dice(seg_run: Path) -> None:
     drop = rec["reference"]["test"]["dice"] - fmts["onnx_int8"]["test"]["dice"]
     assert int8["drop"] == pytest.approx(drop) and drop <= 0.01
     assert 0.9 < int8["label_agreement"] <= 1.0
-    counts = onnx_weight_dtypes(fmts["onnx_int8"]["path"])
+    counts = onnx_weight_dtypes(seg_run / fmts["onnx_int8"]["path"])
     assert counts.get("int8", 0) > 0.9 * sum(counts.values())
 
 

@@ -67,7 +67,7 @@ class MedMNISTSource(DataSource):
             self.flag, self.size, self.data_dir, download=self.download
         )
         arrays = medmnist.load_splits(
-            self.path, self.meta, mmap=self.mmap, cache_dir=self.cache_dir
+            self.path, self.meta, mmap=self.mmap, cache_dir=self.cache_dir, size=self.size
         )
         return {s: Split(*arrays[s]) for s in SPLITS}
 

@@ -4,7 +4,7 @@ Why: a full 3x3x3 conv costs 27 C^2 MACs per voxel, which is what makes 3D ResNe
 CPU; MobileNetV2's block (Sandler et al., CVPR 2018) spends them as 1x1x1 expand -> depthwise
 3x3x3 (27 C, not 27 C^2) -> 1x1x1 project, and Köpüklü et al. ("Resource efficient 3D
 convolutional neural networks", ICCVW 2019) showed it carries over to volumes. medlite's default
-3D student (conf/data/medmnist3d.yaml).
+3D student (conf/data_medmnist3d.yaml).
 
 Size policy (:func:`~medlite.models.volume.common.stride_for`, first map <= 16 per side): the
 stem stride is the smallest power of two >= 2 doing so: 28^3 -> stride 2 (14^3), 32 -> 2 (16^3),
