@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medlite.atomic import atomic_path
 from medlite.compress.base import CompressionStep, RunContext
 from medlite.compress.registry import register_step
 from medlite.compress.structure import StructureError, context_build_args, save_compressed
@@ -41,7 +42,7 @@ from medlite.deploy.onnx import (
     onnx_weight_dtypes,
 )
 from medlite.efficiency import count_macs, count_parameters
-from medlite.errors import ConfigError, TrainingError
+from medlite.errors import ConfigError, MedliteError, TrainingError
 
 log = logging.getLogger(__name__)
 
@@ -330,9 +331,9 @@ class _OrtInt8Step(CompressionStep):
         try:
             preprocess = _preprocess(fp32_path, pre_path)
             exclude = self._excluded_nodes(model, pre_path, batches[0][:1])
-            with _ort_quiet():
-                self._quantize(pre_path, int8_path, batches, exclude)
-        except (TrainingError, ConfigError):
+            with _ort_quiet(), atomic_path(int8_path) as tmp:  # never a half-written int8 file
+                self._quantize(pre_path, tmp, batches, exclude)
+        except MedliteError:  # a full disk included
             raise
         except Exception as err:  # noqa: BLE001  (ORT raises anything; say what to try)
             raise TrainingError(

@@ -20,15 +20,16 @@ benchmarks of the training machinery, never for clinical conclusions.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import pathlib
-import tempfile
 import zlib
 from dataclasses import dataclass
 
 import numpy as np
 
+from medlite import atomic
 from medlite.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -807,13 +808,20 @@ def file_name(flag: str, size: int, seed: int = 0) -> str:
     return f"{name}.npz" if seed == 0 else f"{name}_seed{seed}.npz"
 
 
+def write_npz(target: pathlib.Path, arrays: dict[str, np.ndarray]) -> None:
+    """Compressed in memory, then written atomically (:mod:`medlite.atomic`): a crash, a full
+    disk or a concurrent run never leaves half a file under the final name."""
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    atomic.write_bytes(target, buf.getbuffer())
+
+
 def ensure_synthetic(
     flag: str, size: int, root: str | os.PathLike, *, seed: int = 0
 ) -> pathlib.Path:
     """Path of the synthetic ``.npz`` under ``root/synthetic``, generating it first if missing.
 
-    Written to a temporary file in the same folder and renamed into place, so a crash or a
-    concurrent run never leaves a half-written file under the final name.
+    Written atomically (:func:`write_npz`).
     """
     v = _variant(flag)
     size = _check_size(flag, v, size)
@@ -823,17 +831,7 @@ def ensure_synthetic(
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     arrays = generate(flag, size, seed=seed)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    tmp = pathlib.Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_npz(target, arrays)
     sizes = ", ".join(f"{s} {len(arrays[f'{s}_labels'])}" for s in SPLITS)
     log.info(
         "Generated SYNTHETIC dataset %r (%d px, seed %d; %s; not real patient data) at %s",

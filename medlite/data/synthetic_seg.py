@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import os
 import pathlib
-import tempfile
 
 import numpy as np
 
@@ -119,15 +118,7 @@ def ensure(flag: str, size: int, root: str | os.PathLike, *, seed: int = 0) -> p
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     arrays = generate(key, size, seed=seed)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    tmp = pathlib.Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    syn.write_npz(target, arrays)
     log.info(
         "Generated SYNTHETIC segmentation dataset %r (%d px, seed %d; not patient data) at %s",
         key,

@@ -19,6 +19,7 @@ from rich.progress import Progress
 from rich.table import Table
 from torch import nn
 
+from medlite.atomic import atomic_path
 from medlite.deploy.export import FILE_NAMES, ExportSettings, export_run
 from medlite.deploy.memory import measure_memory
 from medlite.deploy.model_card import write_model_card
@@ -149,7 +150,8 @@ def benchmark_run(
         "rows": rows,
     }
     try:
-        record["plot"] = str(plot_latency(record, run.export_dir / "benchmark.png"))
+        plot = plot_latency(record, run.export_dir / "benchmark.png")
+        record["plot"] = plot.name  # beside benchmark.json: the run folder may move
     except Exception as err:  # noqa: BLE001 - the numbers matter more than the picture
         log.warning("could not draw the benchmark plot: %s", err)
     write_json(run.export_dir / "benchmark.json", record)
@@ -219,5 +221,6 @@ def plot_latency(record: dict, path: Path) -> Path:
     ax.legend(fontsize=8, frameon=False)
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     return path

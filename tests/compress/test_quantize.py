@@ -357,3 +357,26 @@ def test_strip_restores_plain_modules_with_trained_weights(lite) -> None:
     assert strip_qat(model) == len([m for m in base.modules() if type(m) is nn.Conv2d])
     assert type(model.stem[0]) is nn.Conv2d
     assert torch.allclose(model.stem[0].weight, base.stem[0].weight + 1.0)
+
+
+def test_int8_file_on_a_full_disk_is_one_error_and_no_file(lite, tmp_path, monkeypatch) -> None:
+    """ONNX Runtime writes the int8 file itself: it goes through a temporary name too, so a
+    full disk leaves no half-written model_int8.onnx and is reported as a full disk."""
+    import errno
+    import os
+
+    from medlite.atomic import DiskFullError
+
+    cfg, dm, model = lite
+    step = _steps(tmp_path, "ptq")[0]
+
+    def quantize(src, dst, batches, exclude) -> None:
+        dst.write_bytes(b"\x08\x07half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+
+    monkeypatch.setattr(step, "_quantize", quantize)
+    ctx = RunContext(cfg=cfg, datamodule=dm, output_dir=tmp_path)
+    with pytest.raises(DiskFullError, match="model_int8.onnx"):
+        step.prepare(copy.deepcopy(model), ctx)
+    left = sorted(p.name for p in (tmp_path / "compressed").iterdir())
+    assert "model_int8.onnx" not in left and not [n for n in left if ".tmp" in n]
