@@ -79,6 +79,10 @@ def _number(
     return value
 
 
+#: eval.conformal: the prediction-set method (medlite.tasks.conformal.METHODS), auto or off
+CONFORMAL_CHOICES = ("auto", "aps", "raps", "lac", False, None)
+
+
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the key and the valid values for the first problem found.
 
@@ -120,6 +124,11 @@ def validate(cfg: DictConfig) -> None:
     weights = _get(cfg, "loss.class_weights") if OmegaConf.select(cfg, "loss") else None
     if isinstance(weights, str) and weights != "auto":
         raise ConfigError(f"loss.class_weights must be null, auto or a list, got {weights!r}")
+    conformal = OmegaConf.select(cfg, "eval.conformal", default="auto")
+    if conformal not in CONFORMAL_CHOICES:
+        raise ConfigError(
+            f"eval.conformal must be auto, aps, raps, lac or false, got {conformal!r}"
+        )
     check_trainer_keys(cfg)
 
 

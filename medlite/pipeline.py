@@ -154,6 +154,14 @@ def run(cfg: DictConfig) -> float:
                 ).as_dict()
         if cfg.get("eval", {}).get("original_size") and task.kind == "segmentation":
             results["test_original_size"] = _original_size_metrics(model, dm)
+        split_outputs = None  # classification: {"val"/"test": (logits, labels)}, computed once
+        if task.kind == "classification" and not secondary:
+            split_outputs = _calibration(model, dm, results, output_dir)
+        if cfg.get("eval", {}).get("robustness") and not secondary:
+            results["robustness"] = _robustness(model, dm, output_dir, cfg)
+        conformal_method = cfg.get("eval", {}).get("conformal", "auto")
+        if conformal_method and not secondary:
+            _conformal(model, dm, results, split_outputs, str(conformal_method))
         results["optimized"] = {  # what sweepers optimise, and which way
             "metric": optimized_metric,
             "mode": task.monitor_mode,
@@ -194,6 +202,55 @@ def _original_size_metrics(model, dm) -> dict | None:
         shown = ", ".join(f"{dm.task.title(k)} {v:.4f}" for k, v in scores.items())
         log.info("test split at the images' original sizes: %s", shown)
     return scores
+
+
+def _calibration(model, dm, results: dict, output_dir: Path) -> dict:
+    """Temperature scaling fitted on the validation logits; calibration before/after on val and
+    test -> results.json ``calibration`` and ``calibration.png`` (the test split's reliability).
+    Returns the splits' raw (logits, labels), for the steps after it (conformal sets)."""
+    from medlite.compress.evaluate import split_logits
+    from medlite.tasks import calibration
+
+    outputs = split_logits(model, dm)
+    record, t = calibration.calibrate(dm.task.type, outputs)
+    results[calibration.RESULTS_KEY] = record
+    try:
+        labels, logits = outputs["test"][1], outputs["test"][0]
+        calibration.plot_reliability(labels, logits, t, dm.task.type, output_dir / calibration.PLOT)
+        record["plot"] = calibration.PLOT  # relative to the run directory
+    except Exception as err:  # noqa: BLE001 - the numbers matter more than the picture
+        log.warning("could not draw the reliability diagram: %s", err)
+    log.info(calibration.summary_line(record))
+    return outputs
+
+
+def _conformal(model, dm, results: dict, outputs: dict | None = None, method: str = "auto") -> None:
+    """``eval.conformal``: prediction sets calibrated on val, coverage and size on test
+    (single-label classification only) -> results.json ``conformal``."""
+    from medlite.compress.evaluate import split_logits
+    from medlite.errors import ConfigError
+    from medlite.tasks import conformal
+
+    if dm.task.kind != "classification" or dm.task.type == conformal.MULTILABEL:
+        return
+    outputs = outputs or split_logits(model, dm)  # the calibration step's, when it ran
+    try:
+        results[conformal.KEY] = conformal.calibrate_logits(outputs, dm.task.type, results, method)
+    except ConfigError as err:  # e.g. an empty validation split: the run's numbers still stand
+        log.warning("conformal prediction sets skipped: %s", err)
+        return
+    log.info(conformal.summary_line(results[conformal.KEY]))
+
+
+def _robustness(model, dm, output_dir: Path, cfg) -> dict | None:
+    """``eval.robustness``: the test split under corruptions x severities -> ``robustness/``
+    in the run directory and its summary in results.json (2D classification only)."""
+    from medlite.robustness.run import robustness_after_training
+
+    summary = robustness_after_training(model, dm, output_dir, cfg)
+    if summary is None:
+        log.info("eval.robustness: measured for 2D classification runs only; skipped")
+    return summary
 
 
 def final_params(model) -> int:

@@ -133,6 +133,10 @@ def print_summary(results: dict, console: Console | None = None) -> None:
             for k, v in results["test_original_size"].items()
         )
         console.print(f"test at the images' original sizes: {shown}")
+    if results.get("calibration"):  # classification: temperature scaling, before -> after
+        from medlite.tasks.calibration import summary_line
+
+        console.print(summary_line(results["calibration"]))
     if results.get("compression", {}).get("stages"):
         console.print(compression_table(results))
     eff = results.get("efficiency")

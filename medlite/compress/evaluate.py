@@ -35,6 +35,34 @@ def predict_scores(
     return torch.cat(labels).numpy(), torch.cat(scores).numpy()
 
 
+def split_logits(
+    model: nn.Module, datamodule, splits: tuple[str, ...] = ("val", "test")
+) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
+    """Per split, the model's raw logits (float32, CPU, before any activation or temperature)
+    and the dataset's labels: what calibration and conformal prediction are fitted on (val) and
+    judged on (test). Classification only: (N, C) logits are small; a segmentation split's
+    per-pixel maps are not."""
+    loaders = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader}
+    was_training = getattr(model, "training", False)
+    if isinstance(model, nn.Module):
+        model.eval()
+    param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    device = param.device if param is not None else torch.device("cpu")
+    out = {}
+    try:
+        with torch.inference_mode():
+            for split in splits:
+                logits, labels = [], []
+                for x, y in loaders[split]():
+                    logits.append(model(x.to(device)).float().cpu())
+                    labels.append(y)
+                out[split] = (torch.cat(logits), torch.cat(labels).numpy())
+    finally:
+        if isinstance(model, nn.Module):
+            model.train(was_training)
+    return out
+
+
 def evaluate(model: nn.Module, loader: DataLoader, task: Task) -> dict[str, float]:
     """The task's metrics of ``model`` on ``loader``."""
     y, s = predict_scores(model, loader, task)

@@ -44,7 +44,8 @@ class BenchmarkCommand(BenchmarkSettings):
 
 @dataclass
 class PredictCommand:
-    """python predict.py run=<run dir> input=<image file or folder> [runtime=auto] [out=preds.csv]"""
+    """python predict.py run=<run dir> input=<image file or folder> [runtime=auto] [out=preds.csv]
+    [coverage=0.95]"""
 
     run: str = MISSING
     #: a PNG/JPEG/BMP/TIFF, DICOM or 2D NIfTI file, or a folder of them (searched recursively)
@@ -58,6 +59,9 @@ class PredictCommand:
     #: files with more pixels (height x width, from the header) are refused, each as an error
     #: row, before decoding; null: no bound (8192 x 8192 by default)
     max_pixels: int | None = 8192 * 8192
+    #: also give each file's conformal prediction set at this coverage (e.g. 0.95), from the
+    #: run's calibration on its validation split
+    coverage: float | None = None
     show_traceback: bool = False
 
 
@@ -72,6 +76,10 @@ HELP = {
     "<run>/predictions/predictions.csv; masks, overlays and NIfTI masks go next to it)",
     "max_pixels": "refuse files with more pixels than this (height x width, read from the "
     "header before decoding; null: no bound)",
+    "coverage": "also give each file's conformal prediction set, the classes that hold the true "
+    "one with this probability (e.g. 0.95; calibrated on the run's validation split)",
+    "method": "conformal method: aps (adaptive prediction sets), raps (APS with a penalty on "
+    "large sets) or lac (score 1 - p(class): smaller sets for weak binary models)",
     "data_dir": "folder of the MedMNIST file (default: where the run found it, or MEDLITE_DATA_DIR)",
     "show_traceback": "print the full traceback of medlite's errors",
     "formats": "subset of [onnx_fp32,onnx_int8,torch_export]",
@@ -209,7 +217,9 @@ def benchmark_main(args: BenchmarkCommand, console: Console) -> int:
 def predict_main(args: PredictCommand, console: Console) -> int:
     from medlite.deploy.predict import Predictor, write_csv
 
-    predictor = Predictor(args.run, runtime=args.runtime, max_pixels=args.max_pixels)
+    predictor = Predictor(
+        args.run, runtime=args.runtime, max_pixels=args.max_pixels, coverage=args.coverage
+    )
     if predictor.task.kind == "segmentation":
         return _segment_main(predictor, args, console)
     rows = predictor.predict(args.input)
@@ -220,23 +230,28 @@ def predict_main(args: PredictCommand, console: Console) -> int:
     table.add_column("predicted")
     for lab in shown or ("top probabilities",):
         table.add_column(f"p({lab})" if shown else lab, justify="right")
+    sets = predictor.coverage is not None
+    if sets:
+        table.add_column(f"set ({predictor.coverage:g} coverage)")
     for r in rows:
         name = str(r.path)
         if not r.ok:
-            table.add_row(name, "[red]error[/red]", *([""] * (len(shown) if shown else 1)))
+            blank = (len(shown) if shown else 1) + sets
+            table.add_row(name, "[red]error[/red]", *([""] * blank))
             continue
         if shown:
             probs = [f"{r.probabilities[lab]:.4f}" for lab in shown]
         else:
             top = sorted(r.probabilities.items(), key=lambda kv: -kv[1])[:3]
             probs = [", ".join(f"{k}: {v:.3f}" for k, v in top)]
-        table.add_row(name, "; ".join(r.predicted) or "(none)", *probs)
+        chosen = ["|".join(r.set or [])] if sets else []
+        table.add_row(name, "; ".join(r.predicted) or "(none)", *probs, *chosen)
     console.print(table)
     failed = [r for r in rows if not r.ok]
     for r in failed:
         console.print(f"[red]{r.path}[/red]: {r.error}", highlight=False)
     if args.out:
-        console.print(f"predictions written to {write_csv(rows, labels, args.out)}")
+        console.print(f"predictions written to {write_csv(rows, labels, args.out, sets=sets)}")
     console.print(f"{len(rows) - len(failed)} of {len(rows)} file(s) predicted")
     return 1 if failed else 0
 

@@ -8,6 +8,10 @@ segmentation), and the run's metrics through that runtime (a segmentation run's 
 gets a few test images drawn with their masks, ``export/examples.png``). A parity or accuracy
 check that fails raises :class:`ExportError` after ``export.json`` is written, so nothing
 measured is lost.
+
+A classification run's temperature (``results.json`` calibration) is baked into every graph:
+the exported models output ``logits / T``, whose softmax / sigmoid are the calibrated
+probabilities, and the parity checks compare those with the PyTorch model divided by T.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from medlite.deploy.run_dir import TrainedRun
 from medlite.efficiency import count_macs, count_parameters
 from medlite.errors import ConfigError, MedliteError
 from medlite.results import package_versions, write_json
+from medlite.tasks import calibration
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +146,26 @@ def _int8_by_ptq(
     return {"source": "post-training static quantisation (QDQ, ONNX Runtime)"} | {
         k: step.report[k] for k in keep if k in step.report
     }
+
+
+def _divide_onnx_logits(path: Path, temperature: torch.Tensor) -> None:
+    """Append ``logits / T`` to an ONNX file whose graph outputs raw logits (an int8 file made
+    from the uncalibrated network), so every exported graph outputs calibrated logits."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    proto = onnx.load(str(path))
+    out = proto.graph.output[0].name
+    raw = f"{out}_before_temperature"
+    for node in proto.graph.node:
+        node.output[:] = [raw if o == out else o for o in node.output]
+        node.input[:] = [raw if i == out else i for i in node.input]
+    t = np.asarray(temperature, dtype=np.float32).reshape(-1)
+    proto.graph.initializer.append(numpy_helper.from_array(t, name="medlite_temperature"))
+    proto.graph.node.append(helper.make_node("Div", [raw, "medlite_temperature"], [out]))
+    onnx.checker.check_model(proto)
+    with atomic_path(path) as tmp:
+        onnx.save_model(proto, str(tmp))
 
 
 def _parity(ref: np.ndarray, got: np.ndarray, diff: dict, task) -> dict:
@@ -252,7 +277,9 @@ def export_run(
     out = run.export_dir
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    model = run.torch_model()
+    raw = run.torch_model()
+    temperature = calibration.temperature_of(run.results)  # None: not a calibrated classifier
+    model = calibration.scaled(raw, run.results)  # every format outputs logits / T
     dm = run.datamodule(data_dir)
     example = next(iter(dm.calibration_dataloader(batch_size=2)))[0]
     task = run.task
@@ -265,6 +292,8 @@ def export_run(
     formats: dict[str, dict] = {}
     runtimes: dict[str, nn.Module] = {"pytorch": model}
     metadata = model_metadata(run.data["preprocess"], task.record())
+    if temperature is not None:  # predict.py reads it: T is in the graph, not to apply again
+        metadata[calibration.ONNX_KEY] = json.dumps(calibration.temperature_list(temperature))
     for fmt in settings.formats:
         path = out / FILE_NAMES[fmt]
         path.unlink(missing_ok=True)
@@ -280,7 +309,9 @@ def export_run(
                 if run.int8_onnx is not None:
                     entry |= _int8_from_recipe(run, path)
                 else:
-                    entry |= _int8_by_ptq(run, model, dm, settings, path)
+                    entry |= _int8_by_ptq(run, raw, dm, settings, path)
+                if temperature is not None:
+                    _divide_onnx_logits(path, temperature)
                 write_metadata(path, metadata)  # the int8 file explains itself too
                 entry["opset"] = onnx_opset(path)
                 runtimes[fmt] = OrtModel(path, params=params, macs=macs)
@@ -341,6 +372,12 @@ def export_run(
             "test": reference,
         },
         "formats": formats,
+        "calibration": None
+        if temperature is None
+        else {
+            "temperature": calibration.temperature_list(temperature),
+            "applied": "every exported graph outputs logits / T (calibrated)",
+        },
         "settings": asdict(settings),
         "status": "failed" if problems else "ok",
         "problems": problems,

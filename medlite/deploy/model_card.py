@@ -23,7 +23,7 @@ import numpy as np
 from medlite.atomic import atomic_path, write_text
 from medlite.deploy.run_dir import TrainedRun
 from medlite.results import headline_metrics, metric_title, monitored_metric, write_json
-from medlite.tasks import BINARY, task_record
+from medlite.tasks import BINARY, calibration, task_record
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +109,12 @@ def intended_use(run: TrainedRun) -> str:
         else ""
     )
     does = "classifies" if run.task.kind == "classification" else "segments"
+    calibrated = (
+        "the predicted probabilities were calibrated by temperature scaling on the validation "
+        "split only"
+        if run.results.get(calibration.RESULTS_KEY)
+        else "the predicted probabilities are not calibrated"
+    )
     return (
         f"Research use only. This model {does} {data['size']}x{data['size']} px "
         f"{_dataset(data)} images ({data['task']}: {', '.join(data['labels'])}) and was built to "
@@ -116,7 +122,7 @@ def intended_use(run: TrainedRun) -> str:
         "validated prospectively, and it must not be used to diagnose or to decide treatment."
         f"{synthetic} Performance was measured once on the dataset's official test split; it "
         "will differ on images from other scanners, sites, populations, resolutions or "
-        "preprocessing, and the predicted probabilities are not calibrated. Inputs must follow "
+        f"preprocessing, and {calibrated}. Inputs must follow "
         "the input specification below (size, channels, normalisation); the int8 variant was "
         "checked against the full-precision model on the test split only. Patient images stay "
         "on the machine that runs inference: medlite's inference CLI reads local files and "
@@ -174,6 +180,7 @@ def build_card(run: TrainedRun) -> dict:
             ],
         },
         "metrics": {"test": res.get("test"), "val": res.get("val")},
+        "calibration": res.get(calibration.RESULTS_KEY),
         "versions": res.get("versions"),
         "git": res.get("git"),
         "intended_use": intended_use(run),
@@ -209,6 +216,8 @@ def build_card(run: TrainedRun) -> dict:
         )
         if (run.export_dir / f).is_file()
     }
+    if (run.path / calibration.PLOT).is_file():
+        plots["reliability"] = calibration.PLOT
     if plots:
         card["plots"] = plots
     return card
@@ -323,6 +332,8 @@ def render_markdown(card: dict, base: Path) -> str:
             + " | ".join(_fmt((metrics or {}).get(k)) for k in keys)
             + " |"
         )
+    if card.get("calibration"):
+        lines += ["", *calibration.markdown_table(card["calibration"])]
     if card.get("export"):
         ex = card["export"]
         agreement = "pixel agreement" if t.get("kind") == "segmentation" else "label agreement"

@@ -5,6 +5,8 @@ Preprocessing is the run's own evaluation transform (:attr:`TrainedRun.preproces
 is resized, channel-matched and normalised exactly as in training. Nothing here opens a network
 connection or logs anywhere but the local console: patient images never leave the machine.
 A file that can't be read becomes an error row; the other files of a folder still run.
+Classification probabilities are calibrated: the run's temperature (fitted on its validation
+split, :mod:`medlite.tasks.calibration`) divides the logits, inside the exported graph or here.
 
 Memory: a file larger than ``max_pixels`` (default :data:`~medlite.data.readers.MAX_PIXELS`,
 8192 x 8192) is refused from its header, before decoding, as an error row. Below that, one 2D
@@ -51,6 +53,7 @@ from medlite.deploy.export import FILE_NAMES
 from medlite.deploy.onnx import META_PREPROCESS, OrtModel, model_metadata, read_metadata
 from medlite.deploy.run_dir import TrainedRun
 from medlite.errors import ConfigError
+from medlite.tasks import calibration, conformal
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ class Prediction:
     files: dict[str, str] = field(default_factory=dict)
     #: segmentation, NIfTI/DICOM input: where the NIfTI mask's geometry came from
     geometry: str | None = None
+    #: ``coverage=``: the conformal prediction set (class names, in class order)
+    set: list[str] | None = None
 
     @property
     def ok(self) -> bool:
@@ -87,6 +92,7 @@ class Predictor:
         run: TrainedRun | str | Path,
         runtime: str = "auto",
         max_pixels: int | None = MAX_PIXELS,
+        coverage: float | None = None,
     ) -> None:
         self.run = run if isinstance(run, TrainedRun) else TrainedRun.load(run)
         if runtime not in RUNTIMES:
@@ -98,6 +104,30 @@ class Predictor:
         self.runtime = self._choose(runtime)
         self.model = self._load(self.runtime)
         self.task = self.run.task
+        #: ``coverage``: conformal sets from the run's calibration on its validation split
+        self.coverage = None if coverage is None else conformal.check_coverage(coverage)
+        self.conformal = None if coverage is None else self._conformal_record()
+
+    def _conformal_record(self) -> dict:
+        """The run's stored conformal calibration; a run without one says how to make it."""
+        conformal.check_task(self.run.task.type)
+        record = self.run.results.get(conformal.KEY)
+        if not record or not record.get("val_scores"):
+            raise ConfigError(
+                f"run {self.run.path} has no conformal calibration (results.json "
+                f"{conformal.KEY!r}); re-train it, or calibrate it on its validation split: "
+                f"python scripts/conformal.py run={self.run.path}"
+            )
+        if record.get("temperature") != conformal.run_temperature(self.run.results):
+            log.warning(
+                "the conformal sets of %s were calibrated at temperature %s, the run now records "
+                "%s; recalibrate: python scripts/conformal.py run=%s",
+                self.run.path,
+                record.get("temperature"),
+                conformal.run_temperature(self.run.results),
+                self.run.path,
+            )
+        return record
 
     def _choose(self, runtime: str) -> str:
         """``auto``: the int8 file when the export passed its checks, else fp32 ONNX, else PyTorch."""
@@ -117,7 +147,7 @@ class Predictor:
 
     def _load(self, runtime: str) -> nn.Module:
         if runtime == "pytorch":
-            return self.run.torch_model()
+            return calibration.scaled(self.run.torch_model(), self.run.results)
         path = self.run.export_dir / FILE_NAMES[runtime]
         if not path.is_file():
             raise ConfigError(
@@ -125,7 +155,9 @@ class Predictor:
                 f"python scripts/export.py run={self.run.path}"
             )
         self._check_metadata(path)
-        return OrtModel(path)
+        if calibration.ONNX_KEY in read_metadata(path):  # exported with T in its graph
+            return OrtModel(path)
+        return calibration.scaled(OrtModel(path), self.run.results)  # an older export
 
     def _check_metadata(self, path: Path) -> None:
         """An ONNX file states the preprocessing it was exported with: refuse one that disagrees
@@ -174,11 +206,15 @@ class Predictor:
             scores = self.task.scores(self.model(x).float()).cpu().numpy()
         labels = self.task.labels
         predicted = self.task.predicted_labels(scores)[0]
+        chosen = None
+        if self.conformal is not None:  # calibrated on these same (temperature-scaled) scores
+            chosen = conformal.sets_from_record(self.conformal, scores, self.coverage, labels)[0]
         return Prediction(
             path=path,
             probabilities={lab: float(p) for lab, p in zip(labels, scores[0], strict=True)},
             predicted=predicted,
             original_shape=shape,
+            set=chosen,
         )
 
     def _segment(self, path: Path, out_dir: str | Path | None, name: Path | None) -> Prediction:
@@ -264,16 +300,21 @@ class Predictor:
         return rows
 
 
-def write_csv(rows: list[Prediction], labels: tuple[str, ...], path: str | Path) -> Path:
-    """One row per file: predicted label(s), one probability column per class, or the error."""
+def write_csv(
+    rows: list[Prediction], labels: tuple[str, ...], path: str | Path, sets: bool = False
+) -> Path:
+    """One row per file: predicted label(s), one probability column per class, or the error;
+    ``sets``: a ``set`` column too (the conformal prediction set, class names joined by |)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["file", "predicted", *[f"p({lab})" for lab in labels], "error"])
+        extra = ["set"] if sets else []
+        writer.writerow(["file", "predicted", *[f"p({lab})" for lab in labels], *extra, "error"])
         for r in rows:
             probs = [f"{r.probabilities[lab]:.6f}" if r.ok else "" for lab in labels]
-            writer.writerow([str(r.path), ";".join(r.predicted), *probs, r.error or ""])
+            chosen = ["|".join(r.set or [])] if sets else []
+            writer.writerow([str(r.path), ";".join(r.predicted), *probs, *chosen, r.error or ""])
     return path
 
 

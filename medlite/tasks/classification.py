@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from medlite.errors import ConfigError
+from medlite.tasks import calibration
 from medlite.tasks.base import Task
 from medlite.tasks.classification_metrics import compute_metrics, predictions
 from medlite.tasks.types import (
@@ -49,6 +50,7 @@ class ClassificationTask(Task):
         "specificity": "specificity",
         "mae": "MAE",
         "qwk": "QWK",
+        **calibration.TITLES,
     }
 
     def __post_init__(self) -> None:
@@ -72,7 +74,7 @@ class ClassificationTask(Task):
             names += ("sensitivity", "specificity")
         if self.type == ORDINAL:
             names += ("mae", "qwk")
-        return names
+        return names + calibration.NAMES
 
     @property
     def multilabel(self) -> bool:

@@ -18,6 +18,7 @@ import torch
 from sklearn.metrics import accuracy_score, roc_auc_score
 from torchmetrics.functional import classification as tmc
 
+from medlite.tasks.calibration import calibration_metrics
 from medlite.tasks.types import BINARY, MULTILABEL, ORDINAL
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, task: str) -> dict[
 
     ``y_true`` is MedMNIST-shaped (N, 1) or (N, L); ``y_score`` holds probabilities (N, C).
     Binary and multi-label tasks add sensitivity/specificity (macro over labels for multi-label);
-    ordinal tasks add the mean absolute grade error and quadratic-weighted kappa.
+    ordinal tasks add the mean absolute grade error and quadratic-weighted kappa. Every task
+    ends with the calibration metrics (:mod:`medlite.tasks.calibration`: ECE, MCE, Brier, NLL).
     """
     y_true = np.asarray(y_true)
     y_score = np.asarray(y_score, dtype=np.float64)
@@ -103,7 +105,7 @@ def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, task: str) -> dict[
             pairs = [_sens_spec(row) for row in stats]
             out["sensitivity"] = float(np.nanmean([p[0] for p in pairs]))
             out["specificity"] = float(np.nanmean([p[1] for p in pairs]))
-            return out
+            return out | calibration_metrics(y_true, y_score, task)
         target = torch.as_tensor(y_true.reshape(-1)).long()
         if task == BINARY:
             out["f1"] = float(tmc.binary_f1_score(y_pred, target))
@@ -116,4 +118,4 @@ def compute_metrics(y_true: np.ndarray, y_score: np.ndarray, task: str) -> dict[
         if task == ORDINAL:
             out["mae"] = float(torch.mean((target - y_pred).abs().float()))
             out["qwk"] = float(tmc.multiclass_cohen_kappa(y_pred, target, k, weights="quadratic"))
-    return out
+    return out | calibration_metrics(y_true, y_score, task)

@@ -21,7 +21,7 @@ from medlite.deploy.export import (
 from medlite.deploy.onnx import OnnxExportError, OrtModel, export_onnx, onnx_weight_dtypes
 from medlite.deploy.run_dir import TrainedRun
 from medlite.errors import ConfigError
-from medlite.tasks import BINARY, ORDINAL, ClassificationTask
+from medlite.tasks import BINARY, ORDINAL, ClassificationTask, calibration
 from tests.helpers import model_and_context
 
 
@@ -64,9 +64,12 @@ def test_train_with_export_writes_checked_formats(exported_run: Path):
 
 
 def test_exported_files_run_on_their_own(exported_run: Path, shared_data: Path):
-    """The files alone (no medlite model code) give the logits the run's model gives."""
+    """The files alone (no medlite model code) give the logits the run's model gives, divided
+    by the temperature the run fitted (so their softmax is the calibrated probability)."""
     run = TrainedRun.load(exported_run)
-    model = run.torch_model()
+    t = calibration.temperature_of(run.results)
+    assert t is not None and float(t) != 1.0
+    model = calibration.TemperatureScaled(run.torch_model(), t)
     test = np.load(shared_data / "breastmnist.npz")["test_images"][:5]
     x = torch.stack([run.preprocess(img) for img in test])
     with torch.no_grad():

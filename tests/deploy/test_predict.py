@@ -13,9 +13,10 @@ import torch
 from PIL import Image
 
 from medlite.deploy.commands import main_predict
-from medlite.deploy.onnx import OrtModel
+from medlite.deploy.onnx import OrtModel, read_metadata
 from medlite.deploy.predict import Predictor
 from medlite.deploy.run_dir import TrainedRun
+from medlite.tasks import calibration
 from tests.helpers import write_dicom
 
 N = 6
@@ -59,8 +60,11 @@ def test_predictions_match_the_models_own(exported_run, image_folder, test_image
     predictor = Predictor(run, runtime=runtime)
     rows = predictor.predict(image_folder)
     assert len(rows) == N and all(r.ok for r in rows), [r.error for r in rows]
+    # calibrated probabilities: PyTorch's logits / T, or the int8 graph that has T baked in
     model = (
-        run.torch_model() if runtime == "pytorch" else OrtModel(run.export_dir / "model_int8.onnx")
+        calibration.scaled(run.torch_model(), run.results)
+        if runtime == "pytorch"
+        else OrtModel(run.export_dir / "model_int8.onnx")
     )
     want = torch.softmax(_own_logits(model, run, test_images[0]), dim=-1).numpy()
     for r in rows:
@@ -162,7 +166,7 @@ def test_a_file_that_trains_is_a_file_that_predicts(tmp_path, shared_data):
     dm = build_datamodule(cfg)
     dm.setup()
     test = dm.source.load()["test"]
-    model = trained.torch_model()
+    model = calibration.scaled(trained.torch_model(), trained.results)  # what predict applies
     for image_id, stored in zip(test.ids, test.images, strict=True):
         x, shape = predictor.preprocess(root / image_id)
         assert shape == (100, 100)
@@ -174,3 +178,25 @@ def test_a_file_that_trains_is_a_file_that_predicts(tmp_path, shared_data):
             want = torch.softmax(model(x), -1)[0]
         got = torch.tensor([row.probabilities[lab] for lab in trained.task.labels])
         torch.testing.assert_close(got, want.float(), rtol=0, atol=1e-6)
+
+
+def test_an_export_without_the_temperature_gets_it_applied(exported_run, tmp_path, test_images):
+    """An ONNX file exported before calibration (raw logits, no ``medlite.temperature``): predict
+    divides by the run's T itself, so its probabilities match the calibrated PyTorch model."""
+    import shutil
+
+    from medlite.deploy.onnx import export_onnx, model_metadata
+
+    copy = tmp_path / "run"
+    shutil.copytree(exported_run, copy, ignore=shutil.ignore_patterns("cache"))
+    run = TrainedRun.load(copy)
+    x = torch.stack([run.preprocess(img) for img in test_images[0]])
+    metadata = model_metadata(run.data["preprocess"], run.task.record())
+    assert calibration.ONNX_KEY not in metadata
+    export_onnx(run.torch_model(), x, run.export_dir / "model.onnx", metadata=metadata)
+    predictor = Predictor(run, runtime="onnx_fp32")
+    with torch.no_grad():
+        got = torch.softmax(predictor.model(x), -1)
+        want = torch.softmax(calibration.scaled(run.torch_model(), run.results)(x), -1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert calibration.ONNX_KEY in read_metadata(exported_run / "export" / "model.onnx")

@@ -18,6 +18,7 @@ from medlite.deploy.commands import main_predict
 from medlite.deploy.predict import Predictor
 from medlite.deploy.run_dir import TrainedRun
 from medlite.pipeline import run
+from medlite.tasks import calibration
 from tests.helpers import make_cfg, write_series
 
 
@@ -107,7 +108,7 @@ def test_predict_on_nifti_and_dicom_series(vol_run: Path, tmp_path: Path) -> Non
         assert rows[name].ok, rows[name].error
         assert sum(rows[name].probabilities.values()) == pytest.approx(1.0, abs=1e-5)
     # the NIfTI copy of a test volume scores what the test split scores
-    model = run_dir.torch_model().eval()
+    model = calibration.scaled(run_dir.torch_model().eval(), run_dir.results)  # predict's T
     with torch.no_grad():
         ref = torch.softmax(model(run_dir.preprocess(volume).unsqueeze(0)), 1)[0]
     got = list(rows["scan.nii.gz"].probabilities.values())
