@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from medlite import interrupts
 from medlite.config import in_multirun, validate
-from medlite.console import print_error, quiet_third_party
+from medlite.console import print_error, print_problem, quiet_third_party
 from medlite.errors import MedliteError
 from medlite.interrupts import RunInterrupted
 from medlite.outputs import remove_failed_start
@@ -135,12 +135,7 @@ def _stopped(cfg: DictConfig, err: RunInterrupted, secondary: bool) -> None:
         interrupts.forget_requeue(log_dir)
         if not not_resumable:
             message += f". Continue it: python train.py resume={run_dir}"
-    from rich.console import Console
-    from rich.markup import escape
-
-    Console(stderr=True, soft_wrap=True).print(
-        f"[bold red]medlite: stopped[/bold red]: {escape(message)}", highlight=False
-    )
+    print_problem("stopped", message)
     _exit_now(err.exit_code)
 
 

@@ -33,10 +33,15 @@ def quiet_third_party() -> None:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
 
 
+def print_problem(label: str, message: str, hint: str | None = None) -> None:
+    """``medlite: <label>: <message>`` as one red line on stderr, whole (soft wrap), with an
+    optional dim hint line below."""
+    line = f"[bold red]medlite: {label}[/bold red]: {escape(message)}"
+    if hint:
+        line += f"\n[dim]{escape(hint)}[/dim]"
+    Console(stderr=True, soft_wrap=True).print(line, highlight=False)
+
+
 def print_error(err: MedliteError) -> None:
     """One red line naming the error type, the message, and how to see the traceback."""
-    Console(stderr=True, soft_wrap=True).print(
-        f"[bold red]medlite: {type(err).__name__}[/bold red]: {escape(str(err))}\n"
-        "[dim](add show_traceback=true for the full traceback)[/dim]",
-        highlight=False,
-    )
+    print_problem(type(err).__name__, str(err), "(add show_traceback=true for the full traceback)")

@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig, open_dict
 
 from medlite.errors import ConfigError
+from medlite.run_dirs import is_secondary_rank  # noqa: F401 - one torch-free definition
 
 log = logging.getLogger(__name__)
 
@@ -46,14 +47,6 @@ def requested_processes(cfg: DictConfig) -> int:
         return len(devices)
     except TypeError:
         return os.cpu_count() or 1  # "auto" / -1 on CPU: one process per core
-
-
-def is_secondary_rank() -> bool:
-    """True in the processes Lightning launched for ranks > 0 (it sets their rank variables)."""
-    return (
-        int(os.environ.get("LOCAL_RANK", 0) or 0) > 0
-        or int(os.environ.get("NODE_RANK", 0) or 0) > 0
-    )
 
 
 def prepare(cfg: DictConfig, multirun: bool) -> int:

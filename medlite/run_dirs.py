@@ -31,8 +31,9 @@ MAX_SUFFIX = 1000
 
 
 def is_secondary_rank() -> bool:
-    """A DDP rank > 0 (Lightning re-runs train.py into rank 0's folder): it claims nothing.
-    (``medlite.ddp.is_secondary_rank``, without importing torch.)"""
+    """A DDP rank > 0 (Lightning re-runs train.py into rank 0's folder, setting the rank
+    variables): it claims nothing. Here rather than in :mod:`medlite.ddp` so that the command
+    line can ask before importing torch."""
     return any(int(os.environ.get(k, 0) or 0) > 0 for k in ("LOCAL_RANK", "NODE_RANK"))
 
 
@@ -91,12 +92,9 @@ def _taken(path: Path, key: str) -> str:
 
 def _fail(message: str) -> None:
     """One line on stderr and exit 1 (Hydra turns a callback's exception into a warning)."""
-    from rich.console import Console
-    from rich.markup import escape
+    from medlite.console import print_problem
 
-    Console(stderr=True, soft_wrap=True).print(
-        f"[bold red]medlite: ConfigError[/bold red]: {escape(message)}", highlight=False
-    )
+    print_problem("ConfigError", message)
     raise SystemExit(1)
 
 
