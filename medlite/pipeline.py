@@ -159,6 +159,9 @@ def run(cfg: DictConfig) -> float:
             split_outputs = _calibration(model, dm, results, output_dir)
         if cfg.get("eval", {}).get("robustness") and not secondary:
             results["robustness"] = _robustness(model, dm, output_dir, cfg)
+            stages = results.get("compression", {}).get("stages")
+            if stages and results["robustness"]:  # the final stage is the final model
+                stages[-1]["robustness"] = results["robustness"]
         conformal_method = cfg.get("eval", {}).get("conformal", "auto")
         if conformal_method and not secondary:
             _conformal(model, dm, results, split_outputs, str(conformal_method))

@@ -185,18 +185,41 @@ def metric_title(record: dict, metric: str) -> str:
     return (record.get("titles") or {}).get(metric, metric)
 
 
+def trust_cells(row: dict, primary: str) -> dict[str, float | None]:
+    """A compression stage's trust numbers: test ECE before and after its temperature scaling,
+    and the mean and relative value of the primary metric under corruptions (None where not
+    measured)."""
+    robust = (row.get("robustness") or {}).get(primary) or {}
+    return {
+        "ece": (row.get("test") or {}).get("ece"),
+        "ece_scaled": ((row.get("calibrated") or {}).get("test") or {}).get("ece"),
+        "corrupted": robust.get("mean_corrupted"),
+        "relative": robust.get("relative"),
+    }
+
+
 def compression_table(results: dict) -> Table:
-    """Before/after: accuracy (the task's headline metrics) and cost of every stage of a
+    """Before/after: accuracy (the task's headline metrics), trust (ECE before/after temperature
+    scaling, mean primary metric under corruptions: where measured) and cost of every stage of a
     compression recipe, side by side."""
     from medlite.tasks import task_record
 
     record = task_record(results)
     metrics = headline_metrics(record)
+    primary = primary_metric(record)[0]
     comp = results["compression"]
+    trust = [trust_cells(row, primary) for row in comp["stages"]]
+    has = {k: any(t[k] is not None for t in trust) for k in ("ece", "ece_scaled", "corrupted")}
     table = Table(title=f"compress={results.get('compress', {}).get('name')}: before / after")
     table.add_column("stage", justify="left")
     for m in metrics:
         table.add_column(f"test {metric_title(record, m)}", justify="right")
+    if has["ece"]:
+        table.add_column("ECE", justify="right")
+    if has["ece_scaled"]:
+        table.add_column("ECE after T", justify="right")
+    if has["corrupted"]:
+        table.add_column(f"corrupted {metric_title(record, primary)} (rel.)", justify="right")
     for col in (
         "params",
         "MACs (M)",
@@ -206,15 +229,20 @@ def compression_table(results: dict) -> Table:
     ):
         table.add_column(col, justify="right")
     first = comp["stages"][0].get("efficiency")
-    for row in comp["stages"]:
+    num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for row, tr in zip(comp["stages"], trust, strict=True):
         eff, test = row.get("efficiency") or {}, row.get("test") or {}
-        num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
         ratio = ""
         if first and eff and row is not comp["stages"][0] and eff.get("latency_ms"):
             ratio = f" ({first['latency_ms'] / eff['latency_ms']:.1f}x)"
+        trust_row = [num(tr[k], ".4f") for k in ("ece", "ece_scaled") if has[k]]
+        if has["corrupted"]:
+            rel = f" ({tr['relative']:.2f})" if tr["relative"] is not None else ""
+            trust_row.append(num(tr["corrupted"], ".4f") + rel)
         table.add_row(
             row["stage"],
             *(num(test.get(m), ".4f") for m in metrics),
+            *trust_row,
             num(eff.get("params"), ","),
             num(eff["macs"] / 1e6 if eff.get("macs") is not None else None, ".2f"),
             num(eff.get("size_mb"), ".3f"),

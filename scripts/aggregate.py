@@ -2,7 +2,7 @@
 under a deployment budget.
 
     python scripts/aggregate.py outputs/train/multiruns/<time> [--out DIR]
-        [--select "latency_ms<=5" "size_mb<=2"]
+        [--select "latency_ms<=5" "size_mb<=2" "ece<=0.05"] [--pareto-on ece]
 
 Writes aggregate.csv (one row per job), summary.csv, summary.md and pareto.png to --out
 (default <sweep dir>/aggregate). Exit code 1 with one message for medlite's errors.
@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from medlite.console import make_console
 from medlite.errors import MedliteError
 from medlite.sweeps import aggregate as agg
 
@@ -40,12 +41,29 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="budget such as latency_ms<=5 size_mb<=2 params<1e6, or on a test metric of the "
         "sweep's task by its name (<metric>>=0.85); prints the best group",
     )
+    parser.add_argument(
+        "--pareto-on",
+        metavar="METRIC",
+        help="test metric the Pareto fronts and plot score on (default: the task's primary, "
+        "e.g. auc); e.g. ece (lower is better) or corrupted_auc (runs with eval.robustness=true)",
+    )
     parser.add_argument("--show-traceback", action="store_true", help="full traceback on errors")
     return parser.parse_args(argv)
 
 
-def summary_table(summary: Sequence[dict], metrics: agg.SweepMetrics) -> Table:
-    """One row per group: the task's headline test metrics, cost and Pareto membership."""
+def shown_metrics(metrics: agg.SweepMetrics, axis: agg.SweepMetrics) -> list[str]:
+    """The task's headline metrics, the Pareto axis and the corrupted primary metric (where
+    measured)."""
+    extra = [axis.primary, f"corrupted_{metrics.primary}"]
+    return list(dict.fromkeys([*metrics.headline, *(m for m in extra if m in metrics.names)]))
+
+
+def summary_table(
+    summary: Sequence[dict], metrics: agg.SweepMetrics, axis: agg.SweepMetrics | None = None
+) -> Table:
+    """One row per group: the task's headline test metrics (and the Pareto axis, corrupted
+    primary metric), cost and Pareto membership."""
+    shown = shown_metrics(metrics, axis or metrics)
     table = Table(title="sweep summary (test metrics: mean ± std over seeds)")
     for col in (
         "paradigm",
@@ -54,7 +72,7 @@ def summary_table(summary: Sequence[dict], metrics: agg.SweepMetrics) -> Table:
         "data/size",
         "n",
         "failed",
-        *(f"test {metrics.title(m)}" for m in metrics.headline),
+        *(f"test {metrics.title(m)}" for m in shown),
         "params",
         "MACs",
         "size (MB)",
@@ -62,7 +80,13 @@ def summary_table(summary: Sequence[dict], metrics: agg.SweepMetrics) -> Table:
         "Pareto",
     ):
         text = col in ("paradigm", "model", "compress", "data/size")
-        table.add_column(col, justify="left" if text else "right", no_wrap=not text)
+        key = {"data/size": "data"}.get(col, col)  # names are never squeezed to an ellipsis
+        width = (
+            min(24, max((len(str(r.get(key))) for r in summary), default=4) + 3) if text else None
+        )
+        table.add_column(
+            col, justify="left" if text else "right", no_wrap=not text, min_width=width
+        )
     for r in summary:
         table.add_row(
             str(r["paradigm"]),
@@ -71,7 +95,7 @@ def summary_table(summary: Sequence[dict], metrics: agg.SweepMetrics) -> Table:
             f"{r['data']}/{r['size']}",
             str(r["n"]),
             str(r["n_failed"]) if r["n_failed"] else "",
-            *(agg.format_pm(*agg.metric_cells(r, m)) for m in metrics.headline),
+            *(agg.format_pm(*agg.metric_cells(r, m)) for m in shown),
             agg.format_count(r["params"]),
             agg.format_count(r["macs"]),
             agg.format_float(r["size_mb"]),
@@ -79,6 +103,31 @@ def summary_table(summary: Sequence[dict], metrics: agg.SweepMetrics) -> Table:
             agg.pareto_label(r),
         )
     return table
+
+
+def stages_tables(rows: Sequence[dict], metrics: agg.SweepMetrics) -> list[Table]:
+    """Per compression recipe, its stages: accuracy, trust and cost, mean ± std over seeds."""
+    shown = agg.shown_stage_metrics(rows, metrics)
+    tables = []
+    for key in dict.fromkeys(agg.group_key(r) for r in rows):
+        group = [r for r in rows if agg.group_key(r) == key]
+        first = group[0]
+        table = Table(
+            title=f"{first['model']} + {first['compress']} on {first['data']}/{first['size']}: "
+            "compression stages (test, mean ± std over seeds)"
+        )
+        for col in ("stage", "n", *(f"{t}" for _, t in shown), "size (MB)", "latency (ms)"):
+            table.add_column(col, justify="left" if col == "stage" else "right")
+        for r in group:
+            table.add_row(
+                str(r["stage"]),
+                str(r["n"]),
+                *(agg.format_pm(*agg.metric_cells(r, m)) for m, _ in shown),
+                agg.format_float(r.get("size_mb")),
+                agg.format_pm(r.get("latency_ms"), r.get("latency_ms_std"), 2),
+            )
+        tables.append(table)
+    return tables
 
 
 def print_jobs(console: Console, records: Sequence[dict]) -> None:
@@ -153,15 +202,18 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.select:  # a bad constraint fails before any file is written
         for c in args.select:
             agg.parse_constraint(c, metrics)
-    summary = agg.summarise(records, metrics)
+    axis = metrics.axis(args.pareto_on)  # so does an unknown axis
+    summary = agg.summarise(records, metrics, args.pareto_on)
     out = args.out or args.sweep_dir / "aggregate"
     print_jobs(console, records)
-    console.print(summary_table(summary, metrics))
-    paths = list(agg.write_tables(summary, out, records, metrics).values())
+    console.print(summary_table(summary, metrics, axis))
+    for table in stages_tables(agg.summarise_stages(records, metrics), metrics):
+        console.print(table)
+    paths = list(agg.write_tables(summary, out, records, metrics, args.pareto_on).values())
     datasets = sorted({r["data"] for r in summary}, key=str)
     for data in datasets:
         name = "pareto.png" if len(datasets) == 1 else f"pareto_{data}.png"
-        png = agg.plot_pareto([r for r in summary if r["data"] == data], out / name, metrics)
+        png = agg.plot_pareto([r for r in summary if r["data"] == data], out / name, axis)
         if png is not None:
             paths.append(png)
     console.print("wrote " + ", ".join(str(p) for p in paths), highlight=False)
@@ -174,9 +226,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    console = Console()
-    if not console.is_terminal:  # piped or captured: don't squeeze the table into 80 columns
-        console = Console(width=160)
+    console = make_console()  # piped or captured: full-width tables, not 80 columns
     try:
         return run(args, console)
     except MedliteError as err:

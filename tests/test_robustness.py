@@ -141,3 +141,109 @@ def test_script_scores_the_exported_onnx_file(tiny_run: Path) -> None:
 
 def test_training_does_not_measure_robustness_unless_asked(tmp_path: Path) -> None:
     assert make_cfg(tmp_path).eval.robustness is False
+
+
+# ---------------------------------------------------------------------- every compression stage
+#: structured pruning (its recovery batches draw from the run's random stream) then int8
+CHAIN = (
+    "compress.steps=[{kind: prune, ratio: 0.5, iterative_steps: 2, recover_batches: 2, "
+    "epochs: 1}, {kind: ptq}]"
+)
+
+
+@pytest.fixture(scope="module")
+def compressed_run(tmp_path_factory) -> Path:
+    """Structured pruning then int8 PTQ of a debug-sized LiteCNN, robustness on (severity 1)."""
+    out = tmp_path_factory.mktemp("robust_chain")
+    cfg = make_cfg(
+        out,
+        [
+            "debug=limit",
+            "callbacks=none",
+            "eval.robustness=true",
+            "compress.name=chain",
+            CHAIN,
+        ],
+    )
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            robustness_run, "RobustnessSettings", partial(RobustnessSettings, severities=[1])
+        )
+        run(cfg)
+    return out
+
+
+def test_every_compression_stage_reports_calibration_and_robustness(compressed_run: Path) -> None:
+    res = json.loads((compressed_run / "results.json").read_text())
+    stages = {s["stage"]: s for s in res["compression"]["stages"]}
+    assert list(stages) == ["before", "prune", "ptq/onnx_fp32", "ptq"]
+    runtimes = {"before": "pytorch", "prune": "pytorch", "ptq/onnx_fp32": "onnx"}
+    for name, row in stages.items():
+        # calibration: raw ECE among the test metrics, ECE after the stage's own temperature
+        assert 0 <= row["test"]["ece"] <= 1 and 0 <= row["calibrated"]["test"]["ece"] <= 1
+        assert row["calibrated"]["temperature"] > 0
+        # robustness: the clean score is this stage's own test AUC (same images, same runtime)
+        robust = row["robustness"]
+        assert robust["auc"][CLEAN] == pytest.approx(row["test"]["auc"], abs=1e-6), name
+        assert robust["runtime"] == runtimes.get(name, "int8")
+        report = json.loads((compressed_run / robust["report"]).read_text())
+        assert report["summary"] == {k: v for k, v in robust.items() if isinstance(v, dict)}
+        assert len(report["rows"]) == 1 + len(CORRUPTIONS)
+    # non-final stages have their own reports; the final stage's is the run's (measured once)
+    assert stages["prune"]["robustness"]["report"] == "robustness/stages/prune.json"
+    assert (compressed_run / "robustness" / "stages" / "ptq_onnx_fp32.png").is_file()
+    assert not (compressed_run / "robustness" / "stages" / "ptq.json").exists()
+    assert stages["ptq"]["robustness"] == res["robustness"]
+    # the final stage's calibration is the run's (the same model, the same val logits)
+    final_t = stages["ptq"]["calibrated"]["temperature"]
+    assert final_t == pytest.approx(res["calibration"]["temperature"], rel=1e-6)
+
+
+def test_the_before_after_table_shows_trust_columns(compressed_run: Path) -> None:
+    from rich.console import Console
+
+    from medlite.results import compression_table
+
+    res = json.loads((compressed_run / "results.json").read_text())
+    console = Console(width=250, record=True)
+    console.print(compression_table(res))
+    text = console.export_text()
+    assert "ECE after T" in text and "corrupted AUC (rel.)" in text
+    ptq = res["compression"]["stages"][-1]
+    rel = ptq["robustness"]["auc"]["relative"]
+    assert f"{ptq['robustness']['auc']['mean_corrupted']:.4f} ({rel:.2f})" in text
+
+
+def test_the_model_card_shows_each_stage_trust(compressed_run: Path) -> None:
+    from medlite.deploy.export import ExportSettings, export_run
+
+    export_run(compressed_run, ExportSettings(formats=["onnx_fp32"]))
+    md = (compressed_run / "model_card.md").read_text()
+    section = md.split("## Compression stages", 1)[1].split("\n## ", 1)[0]
+    assert "| test ECE | ECE after T | corrupted AUC | relative robustness |" in section
+    res = json.loads((compressed_run / "results.json").read_text())
+    prune = res["compression"]["stages"][1]
+    row = next(line for line in section.splitlines() if line.startswith("| prune |"))
+    assert f"| {prune['robustness']['auc']['mean_corrupted']:.3f} |" in row
+
+
+def test_measuring_the_stages_changes_no_training(compressed_run: Path, tmp_path: Path) -> None:
+    """The same recipe without robustness trains the same models: measuring a stage draws
+    nothing from the run's random stream (every DataLoader pass would take a seed from it)."""
+    out = tmp_path / "plain"
+    run(
+        make_cfg(
+            out,
+            [
+                "debug=limit",
+                "callbacks=none",
+                "compress.name=chain",
+                CHAIN,
+            ],
+        )
+    )
+    measured = json.loads((compressed_run / "results.json").read_text())["compression"]
+    plain = json.loads((out / "results.json").read_text())["compression"]
+    assert all("robustness" not in s for s in plain["stages"])
+    for a, b in zip(measured["stages"], plain["stages"], strict=True):
+        assert a["test"] == b["test"], a["stage"]

@@ -3,6 +3,11 @@
 Each stage (the base model before compression, the teacher when distilling from scratch, and the
 model after every step) gets a row: validation and test metrics from one plain evaluation loop and
 the same efficiency profile, all in this process, so before and after are directly comparable.
+
+Compression can change trust as much as accuracy, so classification rows also carry the stage's
+calibration after its own temperature scaling (the raw ECE is among the test metrics) and, with
+``eval.robustness=true``, its mean metrics under the corruption suite (the final stage's come
+from the run's own robustness report, measured once, after the recipe).
 """
 
 from __future__ import annotations
@@ -11,15 +16,17 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from medlite.checkpoints import lightning_state, load_weights, relative_to_run
 from medlite.compress.base import CompressionStep, RunContext, frozen_copy
-from medlite.compress.evaluate import evaluate
+from medlite.compress.evaluate import evaluate, split_logits
 from medlite.compress.structure import StructureError, build_args, save_compressed
 from medlite.efficiency import profile_model, profile_settings
 from medlite.errors import ConfigError
+from medlite.run_dirs import is_secondary_rank
 from medlite.training import train_phase
 
 log = logging.getLogger(__name__)
@@ -37,18 +44,54 @@ def check_recipe(cfg: DictConfig) -> None:
         lightning_state(Path(str(ckpt)).expanduser(), "compress.base_ckpt")
 
 
-def _stage(
-    cfg: DictConfig, name: str, model: nn.Module, datamodule, input_shape: tuple[int, ...]
-) -> dict:
-    row = {
-        "stage": name,
-        "val": evaluate(model, datamodule.val_dataloader(), datamodule.task),
-        "test": evaluate(model, datamodule.test_dataloader(), datamodule.task),
+def _scores(model: nn.Module, datamodule) -> dict:
+    """Validation and test metrics; for classification, from one pass of logits that also fits
+    the stage's temperature (on val) and records its calibration after scaling (``calibrated``:
+    T, and the val / test calibration metrics of logits / T)."""
+    task = datamodule.task
+    if task.kind != "classification":
+        return {
+            "val": evaluate(model, datamodule.val_dataloader(), task),
+            "test": evaluate(model, datamodule.test_dataloader(), task),
+        }
+    from medlite.tasks.calibration import calibrate
+
+    outputs = split_logits(model, datamodule)
+    row: dict = {
+        split: task.metrics(labels, task.eval_outputs(logits).numpy())
+        for split, (logits, labels) in outputs.items()
     }
-    if cfg.profile.enabled:
-        row["efficiency"] = profile_model(
-            model, input_shape, **profile_settings(cfg.profile)
-        ).as_dict()
+    record, _ = calibrate(task.type, outputs)
+    row["calibrated"] = {"temperature": record["temperature"]} | {
+        split: record[split]["after"] for split in outputs
+    }
+    return row
+
+
+def _stage(
+    cfg: DictConfig,
+    name: str,
+    model: nn.Module,
+    datamodule,
+    input_shape: tuple[int, ...],
+    robustness_dir: Path | None = None,
+) -> dict:
+    """One row of the before/after table; ``robustness_dir``: also score the stage under the
+    corruptions (its report goes to ``<dir>/robustness/stages/``). Measuring draws nothing from
+    the run's random stream (each DataLoader pass takes a seed from it), so the steps after it
+    train the same whatever is measured."""
+    with torch.random.fork_rng(devices=[]):
+        row = {"stage": name, **_scores(model, datamodule)}
+        if robustness_dir is not None:
+            from medlite.robustness.run import robustness_of_stage
+
+            summary = robustness_of_stage(model, datamodule, robustness_dir, cfg, name)
+            if summary is not None:
+                row["robustness"] = summary
+        if cfg.profile.enabled:
+            row["efficiency"] = profile_model(
+                model, input_shape, **profile_settings(cfg.profile)
+            ).as_dict()
     task = datamodule.task
     log.info(
         "stage %s: %s",
@@ -79,6 +122,8 @@ def run_recipe(
     model's) and returns the final model."""
     out = ctx.output_dir
     shape = datamodule.input_shape
+    wanted = OmegaConf.select(cfg, "eval.robustness", default=False)
+    robust = out if wanted and not is_secondary_rank() else None  # rank 0 writes the reports
     comp = results.setdefault("compression", {})
     comp.update(
         base=cfg.compress.get("base", "train"),
@@ -98,12 +143,12 @@ def run_recipe(
             )
             results["best_checkpoint"] = relative_to_run(phase.best_checkpoint, out)
             model = phase.module.model
-        comp["stages"].append(_stage(cfg, "before", model, datamodule, shape))
+        comp["stages"].append(_stage(cfg, "before", model, datamodule, shape, robust))
         ctx.base_model = frozen_copy(model)
     elif ctx.teacher is not None:
-        comp["stages"].append(_stage(cfg, "teacher", ctx.teacher, datamodule, shape))
+        comp["stages"].append(_stage(cfg, "teacher", ctx.teacher, datamodule, shape, robust))
 
-    for step, prefix in zip(steps, _prefixes(steps), strict=True):
+    for i, (step, prefix) in enumerate(zip(steps, _prefixes(steps), strict=True)):
         log.info("compression step %s", step.kind)
         model = step.prepare(model, ctx)
         if step.epochs > 0:
@@ -125,8 +170,10 @@ def run_recipe(
         model = step.finalize(model, ctx)
         comp["steps"].append({"kind": step.kind, "epochs": step.epochs, "report": step.report})
         for name, extra in step.extra_stages.items():  # e.g. fp32 on the runtime
-            comp["stages"].append(_stage(cfg, f"{prefix}{name}", extra, datamodule, shape))
-        comp["stages"].append(_stage(cfg, prefix.rstrip("/"), model, datamodule, shape))
+            comp["stages"].append(_stage(cfg, f"{prefix}{name}", extra, datamodule, shape, robust))
+        last = i == len(steps) - 1  # the final model: the run's own report scores it
+        row = _stage(cfg, prefix.rstrip("/"), model, datamodule, shape, None if last else robust)
+        comp["stages"].append(row)
 
     final = comp["stages"][-1]
     results["val"], results["test"] = final["val"], final["test"]

@@ -22,7 +22,14 @@ import numpy as np
 
 from medlite.atomic import atomic_path, write_text
 from medlite.deploy.run_dir import TrainedRun
-from medlite.results import headline_metrics, metric_title, monitored_metric, write_json
+from medlite.results import (
+    headline_metrics,
+    metric_title,
+    monitored_metric,
+    primary_metric,
+    trust_cells,
+    write_json,
+)
 from medlite.tasks import BINARY, calibration, task_record
 
 log = logging.getLogger(__name__)
@@ -173,6 +180,7 @@ def build_card(run: TrainedRun) -> dict:
                 {
                     "stage": s["stage"],
                     "test": {m: (s.get("test") or {}).get(m) for m in headline},
+                    "trust": trust_cells(s, primary_metric(record)[0]),
                     "size_mb": (s.get("efficiency") or {}).get("size_mb"),
                     "latency_ms": (s.get("efficiency") or {}).get("latency_ms"),
                 }
@@ -232,6 +240,40 @@ def _output_spec(run: TrainedRun) -> dict:
         "probabilities); predict.py writes it as a class-index mask (0 = "
         f"{run.task.labels[0]}) at the input file's own size",
     }
+
+
+#: the trust columns of the stages table, shown where any stage has a value
+_TRUST_COLUMNS = {
+    "ece": "test ECE",
+    "ece_scaled": "ECE after T",
+    "corrupted": "corrupted {primary}",
+    "relative": "relative robustness",
+}
+
+
+def _stages_table(stages: list[dict], t: dict) -> list[str]:
+    """Compression stages: headline test metrics, trust (where measured), size and latency."""
+    shown = headline_metrics(t)
+    primary = metric_title(t, primary_metric(t)[0])
+    trust = [
+        k for k in _TRUST_COLUMNS if any((s.get("trust") or {}).get(k) is not None for s in stages)
+    ]
+    titles = [f"test {metric_title(t, k)}" for k in shown]
+    titles += [_TRUST_COLUMNS[k].format(primary=primary) for k in trust]
+    lines = [
+        "## Compression stages",
+        "",
+        f"| stage | {' | '.join(titles)} | size MB | latency ms |",
+    ]
+    lines += ["|---|" + "---|" * (len(titles) + 2)]
+    for s in stages:
+        values = [_fmt(s["test"].get(k)) for k in shown]
+        values += [_fmt((s.get("trust") or {}).get(k)) for k in trust]
+        lines.append(
+            f"| {s['stage']} | {' | '.join(values)} | {_fmt(s['size_mb'], 2)} | "
+            f"{_fmt(s['latency_ms'])} |"
+        )
+    return lines
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -372,15 +414,7 @@ def render_markdown(card: dict, base: Path) -> str:
                 f"{_fmt(r.get('speedup_vs_pytorch'), 2)}x |"
             )
     if card["compression"]["stages"]:
-        shown = headline_metrics(t)
-        titles = " | ".join(f"test {metric_title(t, k)}" for k in shown)
-        lines += ["", "## Compression stages", "", f"| stage | {titles} | size MB | latency ms |"]
-        lines += ["|---|" + "---|" * (len(shown) + 2)]
-        for s in card["compression"]["stages"]:
-            values = " | ".join(_fmt(s["test"].get(k)) for k in shown)
-            lines.append(
-                f"| {s['stage']} | {values} | {_fmt(s['size_mb'], 2)} | {_fmt(s['latency_ms'])} |"
-            )
+        lines += ["", *_stages_table(card["compression"]["stages"], t)]
     for name, path in (card.get("plots") or {}).items():
         rel = Path(path).relative_to(base) if Path(path).is_relative_to(base) else Path(path)
         if name == "examples":

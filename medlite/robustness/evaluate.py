@@ -141,8 +141,7 @@ def markdown_table(record: dict) -> str:
     titles = [task.get("titles", {}).get(m, m) for m in metrics]
     sevs = record["severities"]
     lines = [
-        f"# Robustness under corruptions ({record.get('runtime', 'pytorch')}, "
-        f"{record['n_test_images']} test images)",
+        f"# Robustness under corruptions ({_about(record)}, {record['n_test_images']} test images)",
         "",
         f"Cells: {' / '.join(titles)}. Severity parameters: see medlite/robustness/corruptions.py.",
         "",
@@ -169,6 +168,12 @@ def markdown_table(record: dict) -> str:
         s = record["summary"][m]
         lines.append(f"| {t} | {s[CLEAN]:.4f} | {s['mean_corrupted']:.4f} | {s['relative']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def _about(record: dict) -> str:
+    """``pytorch``, or ``stage kd, pytorch`` for a compression stage's report."""
+    runtime = record.get("runtime", "pytorch")
+    return f"stage {record['stage']}, {runtime}" if record.get("stage") else runtime
 
 
 def heat_map(record: dict, path: Path) -> Path:
@@ -205,7 +210,8 @@ def heat_map(record: dict, path: Path) -> Path:
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("severity")
     clean = record["summary"][metric][CLEAN]
-    ax.set_title(f"test {title} under corruptions (clean {clean:.3f})", fontsize=9)
+    stage = f"stage {record['stage']}: " if record.get("stage") else ""
+    ax.set_title(f"{stage}test {title} under corruptions (clean {clean:.3f})", fontsize=9)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -218,10 +224,11 @@ def report_stem(runtime: str) -> str:
     return "robustness" if runtime == "pytorch" else f"robustness_{runtime}"
 
 
-def write_report(record: dict, run_dir: str | Path) -> Path:
-    """``<stem>.json``, ``.md`` and ``.png`` in ``<run_dir>/robustness``; the JSON's path."""
+def write_report(record: dict, run_dir: str | Path, stem: str | None = None) -> Path:
+    """``<stem>.json``, ``.md`` and ``.png`` in ``<run_dir>/robustness`` (stem: by runtime unless
+    given); the JSON's path."""
     out = Path(run_dir) / ROBUSTNESS_DIR
-    stem = report_stem(record.get("runtime", "pytorch"))
+    stem = stem or report_stem(record.get("runtime", "pytorch"))
     write_text(out / f"{stem}.md", markdown_table(record))
     heat_map(record, out / f"{stem}.png")
     return write_json(out / f"{stem}.json", record)

@@ -90,25 +90,65 @@ def robustness_run(
     return record
 
 
-def robustness_after_training(model: nn.Module, dm, output_dir: Path, cfg) -> dict | None:
-    """``eval.robustness=true``: the final model's report, and its summary for results.json."""
+def runtime_of(model: nn.Module) -> str:
+    """The runtime a model object stands for: an ONNX Runtime session (fp32 or int8) or PyTorch."""
+    if isinstance(model, OrtModel):
+        return "int8" if "int8" in model.path.name else "onnx"
+    return "pytorch"
+
+
+def measure(model: nn.Module, dm, cfg) -> dict | None:
+    """The robustness record of ``model`` on the datamodule's test split, with the settings of
+    training's hook; None for tasks it is not measured for (not 2D classification)."""
     if dm.task.kind != "classification" or dm.spatial_dims != 2:
         return None
-    runtime = "int8" if isinstance(model, OrtModel) else "pytorch"
     settings = RobustnessSettings(batch_size=int(cfg.data.get("eval_batch_size") or 256))
     test = dm.source.load()["test"]
     record = evaluate_robustness(
         _OnDevice(model), test.images, test.labels, dm.preprocess, dm.task, settings
     )
-    record = {"model": cfg.model.name, "runtime": runtime, **record}
-    report = write_report(record, output_dir).relative_to(output_dir)  # moves with the run
-    log.info("robustness under corruptions (%s): %s", runtime, summary_line(record, dm.task))
+    return {"model": cfg.model.name, "runtime": runtime_of(model), **record}
+
+
+def results_entry(record: dict, report: Path, output_dir: Path) -> dict:
+    """What results.json keeps of a record: runtime, size, the report (relative: the run can
+    move) and the clean / mean corrupted / relative value of each metric."""
     return {
-        "runtime": runtime,
+        "runtime": record["runtime"],
         "n_test_images": record["n_test_images"],
-        "report": str(report),
+        "report": str(report.relative_to(output_dir)),
         **record["summary"],
     }
+
+
+def robustness_after_training(model: nn.Module, dm, output_dir: Path, cfg) -> dict | None:
+    """``eval.robustness=true``: the final model's report, and its summary for results.json."""
+    record = measure(model, dm, cfg)
+    if record is None:
+        return None
+    report = write_report(record, output_dir)
+    log.info(
+        "robustness under corruptions (%s): %s", record["runtime"], summary_line(record, dm.task)
+    )
+    return results_entry(record, report, output_dir)
+
+
+def stage_stem(stage: str) -> str:
+    """Where a compression stage's report goes inside ``robustness/`` (``ptq/onnx_fp32`` ->
+    ``stages/ptq_onnx_fp32``)."""
+    return "stages/" + stage.replace("/", "_")
+
+
+def robustness_of_stage(model: nn.Module, dm, output_dir: Path, cfg, stage: str) -> dict | None:
+    """One compression stage under the corruptions: ``robustness/stages/<stage>.*`` and the
+    summary for its row of results.json ``compression.stages``."""
+    record = measure(model, dm, cfg)
+    if record is None:
+        return None
+    record["stage"] = stage
+    report = write_report(record, output_dir, stem=stage_stem(stage))
+    log.info("stage %s under corruptions: %s", stage, summary_line(record, dm.task))
+    return results_entry(record, report, output_dir)
 
 
 def summary_line(record: dict, task) -> str:

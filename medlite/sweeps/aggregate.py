@@ -8,7 +8,10 @@ common parent). ``scripts/aggregate.py`` is the command line.
 
 Which metrics there are comes from the runs' task records (``medlite.tasks.task_record``): a
 column ``test_<metric>`` per metric of the sweep's task(s), the Pareto fronts and the selection
-on the task's primary metric (the first of its headline). A sweep holds one task kind.
+on the task's primary metric (the first of its headline). A sweep holds one task kind. Runs that
+measured robustness (``eval.robustness=true``) add two more test metrics of the primary one:
+``corrupted_<metric>`` (mean over every corruption x severity) and ``relative_<metric>`` (that
+over clean). Any metric, ECE or corrupted AUC included, can be the fronts' axis instead.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import operator
 import re
 import statistics
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,12 @@ COSTS = ("params", "macs", "size_mb", "latency_ms", "throughput_ips")
 GROUP_KEYS = ("paradigm", "model", "compress", "data", "size")
 
 _PARADIGM_ORDER = {"cnn": 0, "transformer": 1, "linear": 2}
+#: metrics where lower is better (a task record states the direction of its monitored one only)
+LOWER_IS_BETTER = frozenset({"ece", "mce", "brier", "nll", "hd95"})
+#: robustness metrics of a test metric ``m``: their names and how tables title them
+ROBUSTNESS_METRICS = {"corrupted": "corrupted {}", "relative": "relative {}"}
+#: a compression stage's test ECE after its own temperature scaling
+STAGE_ECE_SCALED = "ece_scaled"
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,27 @@ class SweepMetrics:
 
     def title(self, metric: str) -> str:
         return self.titles.get(metric, metric)
+
+    def higher_is_better_for(self, metric: str) -> bool:
+        """Which way ``metric`` improves: the task's stated mode for the primary metric, lower
+        for errors and distances (:data:`LOWER_IS_BETTER`), higher otherwise."""
+        if metric == self.primary:
+            return self.higher_is_better
+        return metric not in LOWER_IS_BETTER
+
+    def axis(self, metric: str | None = None) -> SweepMetrics:
+        """These metrics with ``metric`` as the one fronts and plots score on (default: the
+        primary); ConfigError naming the choices for a metric the sweep doesn't have."""
+        if metric is None or metric == self.primary:
+            return self
+        name = metric.removeprefix("test_")
+        if name not in self.names:
+            raise ConfigError(
+                f"no test metric {metric!r} in these runs; a Pareto axis is one of "
+                f"{', '.join(self.names)}"
+            )
+        mode = "max" if self.higher_is_better_for(name) else "min"
+        return replace(self, primary=name, mode=mode)
 
     def record_fields(self) -> tuple[str, ...]:
         """Columns of aggregate.csv (one row per job)."""
@@ -120,6 +150,7 @@ def sweep_metrics(rows: Iterable[dict]) -> SweepMetrics:
     results.json that records nothing. ConfigError for several task kinds."""
     from medlite.tasks import task_record
 
+    rows = list(rows)
     records = [r["task"] for r in rows if isinstance(r.get("task"), dict)] or [task_record({})]
     kinds = sorted({str(r.get("kind")) for r in records})
     if len(kinds) > 1:
@@ -131,6 +162,12 @@ def sweep_metrics(rows: Iterable[dict]) -> SweepMetrics:
     titles = {m: metric_title(r, m) for r in reversed(records) for m in r.get("metrics") or ()}
     first = records[0]
     primary, mode = primary_metric(first)
+    robust = {  # measured by some run: robustness of the primary metric as two more metrics
+        f"{kind}_{primary}": fmt.format(titles.get(primary, primary))
+        for kind, fmt in ROBUSTNESS_METRICS.items()
+        if any(r.get(SweepMetrics.column(f"{kind}_{primary}")) is not None for r in rows)
+    }
+    names, titles = (*names, *robust), {**titles, **robust}
     return SweepMetrics(
         kind=kinds[0],
         names=names or (primary,),
@@ -184,12 +221,35 @@ def _record(file: Path, root: Path, res: dict) -> dict:
     if task is not None:
         rec["task"] = task
         rec.update({SweepMetrics.column(m): _num(test.get(m)) for m in task.get("metrics") or ()})
+        for metric, summary in _dict(res.get("robustness")).items():  # eval.robustness=true
+            if isinstance(summary, dict) and "mean_corrupted" in summary:
+                rec[SweepMetrics.column(f"corrupted_{metric}")] = _num(summary["mean_corrupted"])
+                rec[SweepMetrics.column(f"relative_{metric}")] = _num(summary.get("relative"))
     rec.update({k: _num(eff.get(k)) for k in COSTS})
+    stages = _dict(res.get("compression")).get("stages")
+    if task is not None and isinstance(stages, list):  # not a CSV column, like task
+        rec["stages"] = [_stage_record(s, task) for s in stages if isinstance(s, dict)]
     if rec["params"] is None:  # a failed run may have counted parameters before training
         rec["params"] = _num(model.get("params"))
     rec["wall_time_s"] = _num(res.get("wall_time_s"))
     rec["run_dir"] = str(run_dir)  # where it is now, not where it was recorded
     return rec
+
+
+def _stage_record(stage: dict, task: dict) -> dict:
+    """One compression stage of a run, in the run-level column names (``test_<metric>``), plus
+    the ECE after the stage's own temperature scaling (``test_ece_scaled``)."""
+    test, eff = _dict(stage.get("test")), _dict(stage.get("efficiency"))
+    row: dict[str, Any] = {"stage": stage.get("stage")}
+    row.update({SweepMetrics.column(m): _num(test.get(m)) for m in task.get("metrics") or ()})
+    scaled = _dict(_dict(stage.get("calibrated")).get("test")).get("ece")
+    row[SweepMetrics.column(STAGE_ECE_SCALED)] = _num(scaled)
+    for metric, summary in _dict(stage.get("robustness")).items():
+        if isinstance(summary, dict) and "mean_corrupted" in summary:
+            row[SweepMetrics.column(f"corrupted_{metric}")] = _num(summary["mean_corrupted"])
+            row[SweepMetrics.column(f"relative_{metric}")] = _num(summary.get("relative"))
+    row.update({k: _num(eff.get(k)) for k in COSTS})
+    return row
 
 
 def collect(sweep_dir: str | Path) -> list[dict]:
@@ -228,7 +288,7 @@ def _mean_std(values: Iterable[Any]) -> tuple[float | None, float | None]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None)
 
 
-def _group_key(rec: dict) -> tuple:
+def group_key(rec: dict) -> tuple:
     return tuple(rec.get(k) for k in GROUP_KEYS)
 
 
@@ -250,14 +310,18 @@ def _seed_key(seed: Any) -> tuple:
     return (0, seed, "") if isinstance(seed, int) else (1, 0, str(seed))
 
 
-def summarise(records: Sequence[dict], metrics: SweepMetrics | None = None) -> list[dict]:
+def summarise(
+    records: Sequence[dict], metrics: SweepMetrics | None = None, axis: str | None = None
+) -> list[dict]:
     """Per configuration: n successful seeds, failed jobs, mean ± std of test metrics, mean
-    cost, and membership of the Pareto fronts of the primary metric against latency and against
-    params (per dataset). ``metrics``: default, from the records' task records."""
+    cost, and membership of the Pareto fronts of the primary metric (or of ``axis``, e.g.
+    ``ece``) against latency and against params (per dataset). ``metrics``: default, from the
+    records' task records."""
     metrics = metrics or sweep_metrics(records)
+    scoring = metrics.axis(axis)
     groups: dict[tuple, list[dict]] = {}
     for rec in records:
-        groups.setdefault(_group_key(rec), []).append(rec)
+        groups.setdefault(group_key(rec), []).append(rec)
     rows = []
     for key, recs in groups.items():
         ok = [r for r in recs if r.get("status") == "ok"]
@@ -285,7 +349,7 @@ def summarise(records: Sequence[dict], metrics: SweepMetrics | None = None) -> l
             row[flag] = False
         for data in {r["data"] for r in rows}:
             subset = [r for r in rows if r["data"] == data]
-            front = pareto_front(subset, metrics.primary_column, cost, metrics.higher_is_better)
+            front = pareto_front(subset, scoring.primary_column, cost, scoring.higher_is_better)
             for i in front:
                 subset[i][flag] = True
     return rows
@@ -311,6 +375,81 @@ def pareto_front(
         )
     ]
     return [i for _, i in sorted(front)]
+
+
+def stage_metrics(metrics: SweepMetrics) -> list[tuple[str, str]]:
+    """(metric, title) of the stages table: the headline metrics, then trust (raw and scaled
+    ECE, the primary metric under corruptions) where the task has it."""
+    shown = [(m, metrics.title(m)) for m in metrics.headline]
+    if "ece" in metrics.names:
+        shown += [("ece", metrics.title("ece")), (STAGE_ECE_SCALED, "ECE after T")]
+    title = metrics.title(metrics.primary)
+    shown += [(f"{k}_{metrics.primary}", f.format(title)) for k, f in ROBUSTNESS_METRICS.items()]
+    return shown
+
+
+def summarise_stages(records: Sequence[dict], metrics: SweepMetrics | None = None) -> list[dict]:
+    """Per configuration and compression stage (in recipe order): n runs and mean ± std of the
+    stage's test metrics, trust and cost over seeds: what compression does to accuracy,
+    calibration and robustness step by step. Empty for a sweep without compression."""
+    metrics = metrics or sweep_metrics(records)
+    columns = [SweepMetrics.column(m) for m, _ in stage_metrics(metrics)]
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for rec in records:
+        if rec.get("status") != "ok" or not rec.get("stages"):
+            continue
+        per_stage = groups.setdefault(group_key(rec), {})
+        for stage in rec["stages"]:
+            per_stage.setdefault(str(stage["stage"]), []).append(stage)
+    rows = []
+    for key, per_stage in groups.items():
+        for name, stages in per_stage.items():
+            row: dict[str, Any] = dict(zip(GROUP_KEYS, key, strict=True))
+            row.update(stage=name, n=len(stages))
+            for col in [*columns, *COSTS]:
+                row[col], row[f"{col}_std"] = _mean_std(s.get(col) for s in stages)
+            rows.append(row)
+    rows.sort(key=_sort_key)  # as the summary; stable, so each recipe's stages keep their order
+    return rows
+
+
+def shown_stage_metrics(rows: Sequence[dict], metrics: SweepMetrics) -> list[tuple[str, str]]:
+    """:func:`stage_metrics` that some stage row has a value of (no empty robustness columns
+    for a sweep that did not measure it)."""
+    col = SweepMetrics.column
+    return [
+        (m, t) for m, t in stage_metrics(metrics) if any(r.get(col(m)) is not None for r in rows)
+    ]
+
+
+def _stages_markdown(rows: Sequence[dict], metrics: SweepMetrics) -> str:
+    shown = shown_stage_metrics(rows, metrics)
+    out = [
+        "# Compression stages",
+        "",
+        "Each stage of each recipe, test split: mean ± sample std over seeds (n runs). ECE after "
+        "T: with the stage's own temperature, fitted on val. Corrupted: mean over every "
+        "corruption x severity (runs with eval.robustness=true). Latency: batch 1, CPU.",
+    ]
+    header = ["stage", "n", *(t for _, t in shown), "params", "size (MB)", "latency (ms)"]
+    for key in dict.fromkeys(group_key(r) for r in rows):
+        group = [r for r in rows if group_key(r) == key]
+        first = group[0]
+        title = f"{first['model']} + {first['compress']} on {first['data']} ({first['size']} px)"
+        out += ["", f"## {title}", "", "| " + " | ".join(header) + " |"]
+        out.append("|" + "---|" * len(header))
+        for r in group:
+            col = SweepMetrics.column
+            cells = [
+                r["stage"],
+                r["n"],
+                *(format_pm(r.get(col(m)), r.get(f"{col(m)}_std")) for m, _ in shown),
+                format_count(r.get("params")),
+                format_float(r.get("size_mb")),
+                format_pm(r.get("latency_ms"), r.get("latency_ms_std"), 2),
+            ]
+            out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(out) + "\n"
 
 
 # --------------------------------------------------------------------------- select
@@ -509,9 +648,11 @@ def first_line(text: str | None) -> str:
     return lines[0] if lines else ""
 
 
-def _markdown(summary: Sequence[dict], records: Sequence[dict], metrics: SweepMetrics) -> str:
+def _markdown(
+    summary: Sequence[dict], records: Sequence[dict], metrics: SweepMetrics, axis: str | None = None
+) -> str:
     n_ok = sum(r.get("status") == "ok" for r in records)
-    primary = metrics.title(metrics.primary)
+    primary = metrics.title(metrics.axis(axis).primary)
     out = [
         "# Sweep summary",
         "",
@@ -573,9 +714,11 @@ def write_tables(
     out_dir: str | Path,
     records: Sequence[dict],
     metrics: SweepMetrics | None = None,
+    axis: str | None = None,
 ) -> dict:
-    """``aggregate.csv`` (one row per job), ``summary.csv`` and ``summary.md`` in ``out_dir``;
-    returns their paths by name."""
+    """``aggregate.csv`` (one row per job), ``summary.csv`` and ``summary.md`` in ``out_dir``
+    (``axis``: the metric the summary's Pareto fronts were scored on), and for compression
+    recipes ``stages.csv`` / ``stages.md`` (every stage over seeds); their paths by name."""
     metrics = metrics or sweep_metrics(records)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -584,8 +727,15 @@ def write_tables(
         "summary.csv": _write_csv(out / "summary.csv", summary, metrics.summary_fields()),
     }
     md = out / "summary.md"
-    md.write_text(_markdown(summary, records, metrics))
+    md.write_text(_markdown(summary, records, metrics, axis))
     paths["summary.md"] = md
+    stages = summarise_stages(records, metrics)
+    if stages:  # compression recipes: every stage, not just the final model
+        cols = [SweepMetrics.column(m) for m, _ in stage_metrics(metrics)]
+        fields = [*GROUP_KEYS, "stage", "n", *(k for c in [*cols, *COSTS] for k in (c, f"{c}_std"))]
+        paths["stages.csv"] = _write_csv(out / "stages.csv", stages, fields)
+        paths["stages.md"] = out / "stages.md"
+        paths["stages.md"].write_text(_stages_markdown(stages, metrics))
     return paths
 
 
@@ -601,9 +751,10 @@ _STYLE = {
 def plot_pareto(
     summary: Sequence[dict], out_png: str | Path, metrics: SweepMetrics | None = None
 ) -> Path | None:
-    """The primary test metric vs batch-1 latency (log when it spans over 20x) and vs params
-    (log): one marker/colour per paradigm, std over seeds as error bars, each dataset's front as
-    a staircase with its points circled. None if nothing to draw."""
+    """The primary test metric (``metrics.axis(name)`` for another) vs batch-1 latency (log when
+    it spans over 20x) and vs params (log): one marker/colour per paradigm, std over seeds as
+    error bars, each dataset's front as a staircase with its points circled. None if nothing to
+    draw."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
 
     metrics = metrics or sweep_metrics(summary)

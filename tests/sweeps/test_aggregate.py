@@ -25,6 +25,7 @@ from medlite.sweeps.aggregate import (
     plot_pareto,
     select,
     summarise,
+    summarise_stages,
     sweep_metrics,
     valid_keys,
     write_tables,
@@ -487,3 +488,125 @@ def test_script_errors_are_one_line_and_exit_1(sweep: Path, tmp_path: Path) -> N
         assert "medlite: ConfigError" in proc.stderr and "Traceback" not in proc.stderr
     assert "no readable results.json" in _script(tmp_path / "empty").stderr
     assert not (tmp_path / "agg").exists()  # a bad constraint fails before writing anything
+
+
+# --------------------------------------------------------------------------- trust as an axis
+
+
+#: stage, test AUC, raw ECE, ECE after T, corrupted AUC, latency
+PTQ_STAGES = [("before", 0.90, 0.09, 0.05, 0.76, 3.0), ("ptq", 0.89, 0.04, 0.03, 0.70, 0.5)]
+
+
+def _stage(name: str, auc: float, ece: float, scaled: float, corrupted: float, latency, seed):
+    """A results.json compression stage; seed 1 adds 0.02 to AUC and ECE."""
+    auc, ece = auc + 0.02 * seed, ece + 0.02 * seed
+    return {
+        "stage": name,
+        "test": {"auc": auc, "acc": 0.8, "ece": ece},
+        "calibrated": {"temperature": 1.2, "test": {"ece": scaled}},
+        "robustness": {"auc": {"clean": auc, "mean_corrupted": corrupted, "relative": 0.8}},
+        "efficiency": {"params": 10_000, "latency_ms": latency, "size_mb": 0.1},
+    }
+
+
+def _trust_sweep(root: Path) -> Path:
+    """Three configurations of one dataset as results.json files: the dense model ranks best
+    but is the worst calibrated; its int8 compression is faster, better calibrated and less
+    robust; a pruned one is the most robust. One run has no robustness record (measured off)."""
+    configs = {  # name: (auc, ece, latency, corrupted auc)
+        "dense": (0.90, 0.09, 3.0, 0.76),
+        "ptq": (0.89, 0.04, 0.5, 0.70),
+        "prune": (0.88, 0.06, 1.0, 0.80),
+    }
+    for i, (name, (auc, ece, latency, corrupted)) in enumerate(configs.items()):
+        for seed in (0, 1):
+            res = {
+                "status": "ok",
+                "seed": seed,
+                "model": {"name": "litecnn", "arch": "litecnn", "paradigm": "cnn"},
+                "compress": {"name": name},
+                "data": {"name": "breastmnist", "size": 28},
+                "task": BINARY_TASK,
+                "test": {"auc": auc + 0.01 * seed, "acc": 0.8, "ece": ece},
+                "efficiency": {"params": 10_000, "latency_ms": latency, "size_mb": 0.1},
+            }
+            if name == "ptq":  # a recipe: its stages, each with calibration and robustness
+                res["compression"] = {"stages": [_stage(*stage, seed) for stage in PTQ_STAGES]}
+            if not (name == "prune" and seed == 1):
+                res["robustness"] = {
+                    "runtime": "int8" if name == "ptq" else "pytorch",
+                    "report": "robustness/robustness.json",
+                    "auc": {"clean": auc, "mean_corrupted": corrupted, "relative": corrupted / auc},
+                }
+            job = root / f"{i}_{name}_seed{seed}"
+            job.mkdir(parents=True)
+            (job / "results.json").write_text(json.dumps(res))
+    return root
+
+
+def test_robustness_and_ece_are_metrics_an_axis_and_a_budget(tmp_path: Path) -> None:
+    records = collect(_trust_sweep(tmp_path / "sweep"))
+    metrics = sweep_metrics(records)
+    assert {"corrupted_auc", "relative_auc"} <= set(metrics.names)
+    assert metrics.title("corrupted_auc") == "corrupted AUC"
+    by_compress = {g["compress"]: g for g in summarise(records, metrics)}
+    prune = by_compress["prune"]
+    assert prune["test_corrupted_auc"] == pytest.approx(0.80) and prune["n"] == 2  # one measured
+    assert by_compress["dense"]["test_relative_auc"] == pytest.approx(0.76 / 0.905, abs=0.01)
+    # default fronts, AUC vs latency: ptq is faster and ranks better than prune
+    assert by_compress["dense"]["pareto_latency"] and by_compress["ptq"]["pareto_latency"]
+    assert not by_compress["prune"]["pareto_latency"]
+    # ECE (lower is better) as the axis: the dense model is slower and worse calibrated than ptq
+    on_ece = {g["compress"]: g for g in summarise(records, metrics, axis="ece")}
+    assert on_ece["ptq"]["pareto_latency"] and not on_ece["dense"]["pareto_latency"]
+    assert not on_ece["prune"]["pareto_latency"]
+    on_robust = {g["compress"]: g for g in summarise(records, metrics, axis="corrupted_auc")}
+    assert on_robust["prune"]["pareto_latency"] and not on_robust["dense"]["pareto_latency"]
+    with pytest.raises(ConfigError, match="no test metric 'fog'.*corrupted_auc"):
+        summarise(records, metrics, axis="fog")
+    rows = list(by_compress.values())
+    assert select(rows, ["ece<=0.05"], metrics)["best"]["compress"] == "ptq"
+    assert select(rows, ["corrupted_auc>=0.78"], metrics)["best"]["compress"] == "prune"
+    md = write_tables(rows, tmp_path / "agg", records, metrics, "ece")["summary.md"].read_text()
+    assert "test corrupted AUC" in md and "test-ECE-vs-latency" in md
+    png = plot_pareto(rows, tmp_path / "ece.png", metrics.axis("ece"))
+    assert png.stat().st_size > 10_000
+    # without robustness records, no robustness columns
+    assert not any(m.startswith("corrupted_") for m in sweep_metrics(_dice_records()).names)
+
+
+def test_compression_stages_over_seeds(tmp_path: Path) -> None:
+    records = collect(_trust_sweep(tmp_path / "sweep"))
+    rows = summarise_stages(records)
+    assert [(r["compress"], r["stage"], r["n"]) for r in rows] == [
+        ("ptq", "before", 2),
+        ("ptq", "ptq", 2),
+    ]
+    before = rows[0]
+    assert before["test_auc"] == pytest.approx(0.91) and before["test_ece"] == pytest.approx(0.10)
+    assert before["test_auc_std"] == pytest.approx(np.std([0.90, 0.92], ddof=1))
+    assert before["test_ece_scaled"] == pytest.approx(0.05) and before["test_ece_scaled_std"] == 0
+    assert rows[1]["test_corrupted_auc"] == pytest.approx(0.70) and rows[1]["latency_ms"] == 0.5
+    md = write_tables(summarise(records), tmp_path / "agg", records)["stages.md"].read_text()
+    assert "## litecnn + ptq on breastmnist (28 px)" in md
+    assert "| stage | n | AUC | ACC | ECE | ECE after T | corrupted AUC | relative AUC |" in md
+    assert "| ptq | 2 | 0.900 ± 0.014 |" in md
+    # a sweep without compression has no stages table
+    assert not summarise_stages(_dice_records())
+    assert "stages.md" not in write_tables(
+        summarise(_dice_records()), tmp_path / "d", _dice_records()
+    )
+
+
+def test_script_puts_ece_on_the_pareto_axis(tmp_path: Path) -> None:
+    sweep = _trust_sweep(tmp_path / "sweep")
+    proc = _script(sweep, "--pareto-on", "ece", "--select", "ece<=0.05")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "test ECE" in text and "test corrupted AUC" in text  # the axis and robustness shown
+    assert "selected for test_ece<=0.05: litecnn/ptq" in text
+    assert "compression stages" in text and "ECE after T" in text  # the recipe's stages table
+    assert (sweep / "aggregate" / "stages.md").is_file()
+    assert (sweep / "aggregate" / "pareto.png").is_file()
+    proc = _script(sweep, "--pareto-on", "fog")
+    assert proc.returncode == 1 and "no test metric 'fog'" in proc.stderr
