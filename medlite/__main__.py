@@ -50,6 +50,13 @@ def predict() -> int:
     return main_predict()
 
 
+def reproduce() -> int:
+    """``medlite-reproduce``: rerun published experiments over seeds, a table beside the paper."""
+    from medlite.reproduce.cli import main as main_reproduce
+
+    return main_reproduce()
+
+
 USAGE = """usage: python -m medlite <command> [arguments]   (or medlite-<command> [arguments])
 
 commands:
@@ -57,6 +64,7 @@ commands:
   export run=<run dir>                       ONNX / torch.export files, checked on the test split
   benchmark run=<run dir>                    latency, throughput, memory and size per runtime
   predict run=<run dir> input=<file|folder>  local inference on your images (= python predict.py)
+  reproduce <recipe or group> | --list       published experiments over seeds, beside the paper
 
 <command> --help lists the command's arguments."""
 
@@ -65,6 +73,7 @@ COMMANDS: dict[str, Callable[[], int | None]] = {
     "export": export,
     "benchmark": benchmark,
     "predict": predict,
+    "reproduce": reproduce,
 }
 
 

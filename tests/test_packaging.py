@@ -58,6 +58,7 @@ def test_configs_and_plugin_are_mapped_into_the_wheel() -> None:
         "medlite-export",
         "medlite-benchmark",
         "medlite-predict",
+        "medlite-reproduce",
     }
 
 

@@ -1,0 +1,236 @@
+"""The reproduction table: ours (mean ± std over seeds) beside the published number, the gap, whether
+it lies within the source's tolerance, and what it cost; as Markdown, CSV and a plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from medlite.atomic import atomic_path, write_text
+from medlite.reproduce.recipes import Recipe, published_metrics, source_info
+from medlite.reproduce.runner import QUICK_EPOCHS, RunRecord
+
+QUICK_LABEL = f"quick ({QUICK_EPOCHS} epochs per run, not the paper's protocol)"
+#: metric titles of the tables (the published file names its metrics in lower case)
+TITLES = {"auc": "AUC", "acc": "ACC"}
+
+
+def budget_label(quick: bool, overrides: Sequence[str]) -> str:
+    """How the runs were budgeted: the paper's protocol, quick, or changed by overrides."""
+    extra = [o for o in overrides if not (quick and o.startswith("trainer.max_epochs="))]
+    if not extra:
+        return QUICK_LABEL if quick else "the paper's protocol"
+    changed = "overrides " + " ".join(extra)
+    return f"{QUICK_LABEL}, {changed}" if quick else f"{changed} (not the paper's protocol)"
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def summarise(records: Sequence[RunRecord]) -> list[dict]:
+    """One row per recipe (in the order run): seeds, ours vs published per metric, cost."""
+    by_recipe: dict[str, list[RunRecord]] = {}
+    for rec in records:
+        by_recipe.setdefault(rec.recipe.id, []).append(rec)
+    rows = []
+    for runs in by_recipe.values():
+        recipe: Recipe = runs[0].recipe
+        entry = recipe.published()
+        tolerance = float(source_info(recipe.source).get("tolerance", 0.02))
+        ok = [r for r in runs if r.ok]
+        row: dict = {
+            "recipe": recipe.id,
+            "dataset": recipe.dataset,
+            "method": recipe.method_title(),
+            "seeds": [r.seed for r in ok],
+            "n": len(ok),
+            "n_failed": len(runs) - len(ok),
+            "reused": sum(r.reused for r in ok),
+            "errors": [f"seed {r.seed}: {r.error}" for r in runs if not r.ok],
+            "tolerance": tolerance,
+            "check": entry.get("check", ""),
+        }
+        for metric, published in published_metrics(entry).items():
+            values = [
+                float(r.results["test"][metric])
+                for r in ok
+                if isinstance((r.results.get("test") or {}).get(metric), (int, float))
+            ]
+            mean, std = _mean_std(values)
+            diff = None if mean is None else mean - published
+            row[metric] = {
+                "ours": mean,
+                "std": std,
+                "published": published,
+                "diff": diff,
+                "within": None if diff is None else abs(diff) <= tolerance + 1e-9,
+            }
+        eff = [r.results.get("efficiency") or {} for r in ok]
+        for key in ("params", "macs", "latency_ms"):
+            row[key], _ = _mean_std([float(e[key]) for e in eff if e.get(key) is not None])
+        row["wall_time_s"], _ = _mean_std(
+            [float(r.results["wall_time_s"]) for r in ok if r.results.get("wall_time_s")]
+        )
+        rows.append(row)
+    return rows
+
+
+def metrics_of(rows: Sequence[dict]) -> list[str]:
+    return list(
+        dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, dict) and "ours" in v)
+    )
+
+
+def _f(value: float | None, digits: int = 3, sign: bool = False) -> str:
+    if value is None:
+        return "–"
+    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
+
+
+def _pm(cell: dict) -> str:
+    if cell["ours"] is None:
+        return "–"
+    return _f(cell["ours"]) + ("" if cell["std"] is None else f" ± {cell['std']:.3f}")
+
+
+def _verdict(cell: dict) -> str:
+    return "–" if cell["within"] is None else ("yes" if cell["within"] else "no")
+
+
+def _count(value: float | None) -> str:
+    if value is None:
+        return "–"
+    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= div:
+            return f"{value / div:.3g} {unit}"
+    return f"{value:.0f}"
+
+
+def markdown(rows: Sequence[dict], title: str, budget: str) -> str:
+    metrics = metrics_of(rows)
+    sources = sorted({r["recipe"].split("/")[1] for r in rows})
+    out = [f"# Reproduction: {title}", "", f"Budget: **{budget}**. Ours: test split, mean ± "
+           "sample std over the seeds that finished (n). Published: the source's number "
+           "(medlite/reproduce/published.yaml). Within: |ours − published| ≤ the source's "
+           "tolerance. Cost: params, MACs and batch-1 CPU latency of the trained model, wall "
+           "time per run on this machine.", ""]  # fmt: skip
+    head = ["recipe", "n"]
+    for m in metrics:
+        t = TITLES.get(m, m)
+        head += [f"{t} ours", f"{t} published", "Δ", "within"]
+    head += ["params", "MACs", "latency (ms)", "wall time / run"]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            f"{r['dataset']} {r['method']}",
+            f"{r['n']}" + (f" ({r['n_failed']} failed)" if r["n_failed"] else ""),
+        ]
+        for m in metrics:
+            c = r.get(m) or {
+                "ours": None,
+                "std": None,
+                "published": None,
+                "diff": None,
+                "within": None,
+            }
+            cells += [_pm(c), _f(c["published"]), _f(c["diff"], sign=True), _verdict(c)]
+        wall = "–" if r["wall_time_s"] is None else f"{r['wall_time_s'] / 60:.1f} min"
+        cells += [_count(r["params"]), _count(r["macs"]), _f(r["latency_ms"], 2), wall]
+        out.append("| " + " | ".join(cells) + " |")
+    out += ["", "## Sources", ""]
+    for s in sources:
+        info = source_info(s)
+        tol = info.get("tolerance")
+        out.append(f"- **{s}**: {info.get('citation', '')}, doi {info.get('doi', '–')}; "
+                   f"{info.get('table', '')}; {info.get('averaged_over', '')}; tolerance ±{tol}.")  # fmt: skip
+        for metric, text in (info.get("metrics") or {}).items():
+            out.append(f"  - {TITLES.get(metric, metric)}: {text}")
+    out += ["", "## How each published number was checked", ""]
+    out += [f"- {r['dataset']} {r['method']}: {r['check']}" for r in rows]
+    failed = [(r["recipe"], e) for r in rows for e in r["errors"]]
+    if failed:
+        out += ["", "## Failed runs", "", "| recipe | error |", "|---|---|"]
+        out += [f"| {rid} | {err.replace('|', '/')} |" for rid, err in failed]
+    return "\n".join(out) + "\n"
+
+
+CSV_FIELDS = ("recipe", "dataset", "method", "n", "n_failed", "seeds")
+
+
+def csv_text(rows: Sequence[dict]) -> str:
+    metrics = metrics_of(rows)
+    fields = [*CSV_FIELDS]
+    for m in metrics:
+        fields += [f"{m}_ours", f"{m}_std", f"{m}_published", f"{m}_diff", f"{m}_within"]
+    fields += ["params", "macs", "latency_ms", "wall_time_s", "errors"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    for r in rows:
+        flat = {k: r[k] for k in CSV_FIELDS}
+        flat["seeds"] = ";".join(str(s) for s in r["seeds"])
+        for m in metrics:
+            c = r.get(m) or {}
+            for key in ("ours", "std", "published", "diff", "within"):
+                flat[f"{m}_{key}"] = c.get(key)
+        flat.update({k: r[k] for k in ("params", "macs", "latency_ms", "wall_time_s")})
+        flat["errors"] = " / ".join(r["errors"])
+        writer.writerow({k: "" if v is None else v for k, v in flat.items()})
+    return buf.getvalue()
+
+
+def plot(rows: Sequence[dict], path: Path, budget: str) -> Path | None:
+    """Ours (mean ± std) beside the published number, one panel per metric."""
+    from matplotlib.figure import Figure
+
+    metrics = metrics_of(rows)
+    if not metrics or not rows:
+        return None
+    fig = Figure(figsize=(4.2 * len(metrics), 0.9 + 0.42 * len(rows)), layout="constrained")
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    labels = [f"{r['dataset']} {r['method']}" for r in rows]
+    ys = list(range(len(rows)))[::-1]
+    for ax, m in zip(axes, metrics, strict=True):
+        for y, r in zip(ys, rows, strict=True):
+            c = r.get(m) or {}
+            if c.get("published") is not None:
+                tol = r["tolerance"]
+                ax.plot([c["published"] - tol, c["published"] + tol], [y, y], color="0.8", lw=6,
+                        solid_capstyle="butt", zorder=1)  # fmt: skip
+                ax.plot(
+                    c["published"],
+                    y,
+                    "kx",
+                    ms=7,
+                    zorder=3,
+                    label="published ± tolerance" if y == ys[0] else None,
+                )
+            if c.get("ours") is not None:
+                ax.errorbar(c["ours"], y, xerr=c.get("std") or 0, fmt="o", color="tab:blue", capsize=3,
+                            zorder=4, label="ours (mean ± std)" if y == ys[0] else None)  # fmt: skip
+        ax.set_yticks(ys, labels if ax is axes[0] else [""] * len(ys))
+        ax.set_xlabel(f"test {TITLES.get(m, m)}")
+        ax.grid(True, axis="x", alpha=0.3)
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"Reproduction ({budget})", fontsize=9)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return path
+
+
+def write(rows: Sequence[dict], out: Path, title: str, budget: str) -> dict[str, Path]:
+    """``reproduction.md``, ``.csv`` and ``.png`` in ``out``; their paths."""
+    paths = {
+        "md": write_text(out / "reproduction.md", markdown(rows, title, budget)),
+        "csv": write_text(out / "reproduction.csv", csv_text(rows)),
+    }
+    png = plot(rows, out / "reproduction.png", budget)
+    if png is not None:
+        paths["png"] = png
+    return paths
