@@ -157,6 +157,8 @@ def run(cfg: DictConfig) -> float:
         split_outputs = None  # classification: {"val"/"test": (logits, labels)}, computed once
         if task.kind == "classification" and not secondary:
             split_outputs = _calibration(model, dm, results, output_dir)
+        elif task.kind == "segmentation" and not secondary:
+            _pixel_calibration(model, dm, results)
         if cfg.get("eval", {}).get("robustness") and not secondary:
             results["robustness"] = _robustness(model, dm, output_dir, cfg)
             stages = results.get("compression", {}).get("stages")
@@ -227,6 +229,16 @@ def _calibration(model, dm, results: dict, output_dir: Path) -> dict:
     return outputs
 
 
+def _pixel_calibration(model, dm, results: dict) -> None:
+    """Segmentation: ECE, MCE, Brier and NLL of the per-pixel probabilities on val and test ->
+    results.json ``pixel_calibration``."""
+    from medlite.tasks import calibration
+
+    record = calibration.pixel_calibration(model, dm)
+    results[calibration.PIXEL_KEY] = record
+    log.info(calibration.pixel_summary_line(record))
+
+
 def _conformal(model, dm, results: dict, outputs: dict | None = None, method: str = "auto") -> None:
     """``eval.conformal``: prediction sets calibrated on val, coverage and size on test
     (single-label classification only) -> results.json ``conformal``."""
@@ -247,12 +259,12 @@ def _conformal(model, dm, results: dict, outputs: dict | None = None, method: st
 
 def _robustness(model, dm, output_dir: Path, cfg) -> dict | None:
     """``eval.robustness``: the test split under corruptions x severities -> ``robustness/``
-    in the run directory and its summary in results.json (2D classification only)."""
+    in the run directory and its summary in results.json (2D classification and segmentation)."""
     from medlite.robustness.run import robustness_after_training
 
     summary = robustness_after_training(model, dm, output_dir, cfg)
     if summary is None:
-        log.info("eval.robustness: measured for 2D classification runs only; skipped")
+        log.info("eval.robustness: measured for 2D classification and segmentation runs; skipped")
     return summary
 
 

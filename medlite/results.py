@@ -137,6 +137,10 @@ def print_summary(results: dict, console: Console | None = None) -> None:
         from medlite.tasks.calibration import summary_line
 
         console.print(summary_line(results["calibration"]))
+    if results.get("pixel_calibration"):  # segmentation: per-pixel probabilities
+        from medlite.tasks.calibration import pixel_summary_line
+
+        console.print(pixel_summary_line(results["pixel_calibration"]))
     if results.get("compression", {}).get("stages"):
         console.print(compression_table(results))
     eff = results.get("efficiency")

@@ -194,3 +194,21 @@ def subprocess_env(root: Path) -> dict[str, str]:
         "WANDB_CONFIG_DIR": str(root / "wandb"),
         "OMP_NUM_THREADS": "1",
     }
+
+
+def run_with_robustness_at_severity_1(cfg) -> None:
+    """Train ``cfg`` (with ``eval.robustness=true``) scoring the corruptions at severity 1 only:
+    the whole suite of 30 cells is the script's test; here one per corruption keeps runs short."""
+    from functools import partial
+
+    import pytest
+
+    from medlite.pipeline import run
+    from medlite.robustness import run as robustness_run
+    from medlite.robustness.evaluate import RobustnessSettings
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            robustness_run, "RobustnessSettings", partial(RobustnessSettings, severities=[1])
+        )
+        run(cfg)

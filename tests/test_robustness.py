@@ -4,7 +4,6 @@ end on a tiny run of the embedded synthetic data."""
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +12,10 @@ import pytest
 from medlite.errors import ConfigError
 from medlite.pipeline import run
 from medlite.robustness import CORRUPTIONS, SEVERITIES, corrupt, corrupt_all
-from medlite.robustness import run as robustness_run
 from medlite.robustness.evaluate import CLEAN, RobustnessSettings, check_task
 from medlite.robustness.run import main
 from medlite.tasks import SEGMENTATION, get_task
-from tests.helpers import make_cfg
+from tests.helpers import make_cfg, run_with_robustness_at_severity_1
 
 
 def _images(channels: int | None) -> np.ndarray:
@@ -67,8 +65,9 @@ def test_unknown_corruption_or_severity_is_refused() -> None:
         RobustnessSettings(severities=[0])
     with pytest.raises(ConfigError, match="corruptions"):
         RobustnessSettings(corruptions=["fog"])
-    with pytest.raises(ConfigError, match="2D classification"):
-        check_task(get_task(SEGMENTATION, ["background", "lesion"]), 2)
+    check_task(get_task(SEGMENTATION, ["background", "lesion"]), 2)  # 2D masks: measured
+    with pytest.raises(ConfigError, match="2D classification and segmentation"):
+        check_task(get_task(SEGMENTATION, ["background", "lesion"]), 3)
 
 
 # ---------------------------------------------------------------------- end to end
@@ -81,11 +80,7 @@ def tiny_run(tmp_path_factory) -> Path:
         out,
         ["debug=limit", "callbacks=none", "profile.enabled=false", "eval.robustness=true"],
     )
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(
-            robustness_run, "RobustnessSettings", partial(RobustnessSettings, severities=[1])
-        )
-        run(cfg)
+    run_with_robustness_at_severity_1(cfg)
     return out
 
 
@@ -165,11 +160,7 @@ def compressed_run(tmp_path_factory) -> Path:
             CHAIN,
         ],
     )
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(
-            robustness_run, "RobustnessSettings", partial(RobustnessSettings, severities=[1])
-        )
-        run(cfg)
+    run_with_robustness_at_severity_1(cfg)
     return out
 
 

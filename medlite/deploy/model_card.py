@@ -189,6 +189,7 @@ def build_card(run: TrainedRun) -> dict:
         },
         "metrics": {"test": res.get("test"), "val": res.get("val")},
         "calibration": res.get(calibration.RESULTS_KEY),
+        "pixel_calibration": res.get(calibration.PIXEL_KEY),
         "versions": res.get("versions"),
         "git": res.get("git"),
         "intended_use": intended_use(run),
@@ -376,6 +377,8 @@ def render_markdown(card: dict, base: Path) -> str:
         )
     if card.get("calibration"):
         lines += ["", *calibration.markdown_table(card["calibration"])]
+    if card.get("pixel_calibration"):
+        lines += ["", *calibration.pixel_markdown_table(card["pixel_calibration"])]
     if card.get("export"):
         ex = card["export"]
         agreement = "pixel agreement" if t.get("kind") == "segmentation" else "label agreement"

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from medlite.atomic import atomic_path, write_text
 from medlite.compress.evaluate import predict_scores
-from medlite.data.datamodule import ArrayDataset
+from medlite.data.datamodule import ArrayDataset, MaskDataset
 from medlite.data.transforms import Preprocess
 from medlite.errors import ConfigError
 from medlite.results import write_json
@@ -59,21 +59,33 @@ class RobustnessSettings:
 
 
 def metric_names(task: Task) -> list[str]:
-    """The monitored metric (ranking) first, then accuracy if the task has it."""
+    """The monitored metric (ranking; Dice for segmentation) first, then accuracy if the task
+    has it (IoU for segmentation)."""
+    if task.kind == "segmentation":
+        return list(task.headline)
     names = [task.monitor_metric]
     names += [m for m in task.metric_names if m.startswith("acc") and m not in names][:1]
     return names
 
 
+def supported(task: Task, spatial_dims: int) -> bool:
+    """2D classification and 2D segmentation (the corruptions act on 2D images)."""
+    return task.kind in ("classification", "segmentation") and spatial_dims == 2
+
+
 def check_task(task: Task, spatial_dims: int) -> None:
-    if task.kind != "classification" or spatial_dims != 2:
+    if not supported(task, spatial_dims):
         raise ConfigError(
-            "robustness under corruptions is measured for 2D classification runs only"
+            "robustness under corruptions is measured for 2D classification and segmentation "
+            "runs only"
         )
 
 
 def _score(model, images, labels, preprocess: Preprocess, task: Task, batch: int) -> dict:
-    loader = DataLoader(ArrayDataset(images, labels, preprocess), batch_size=batch)
+    """Metrics of ``model`` on corrupted images; a segmentation mask is never corrupted (the
+    truth does not change with the scanner)."""
+    data_class = MaskDataset if task.kind == "segmentation" else ArrayDataset
+    loader = DataLoader(data_class(images, labels, preprocess), batch_size=batch)
     y, s = predict_scores(model, loader, task)
     scores = task.metrics(y, s)
     return {m: float(scores[m]) for m in metric_names(task)}

@@ -28,6 +28,7 @@ from medlite.robustness.evaluate import (
     RobustnessSettings,
     check_task,
     evaluate_robustness,
+    supported,
     write_report,
 )
 
@@ -99,8 +100,8 @@ def runtime_of(model: nn.Module) -> str:
 
 def measure(model: nn.Module, dm, cfg) -> dict | None:
     """The robustness record of ``model`` on the datamodule's test split, with the settings of
-    training's hook; None for tasks it is not measured for (not 2D classification)."""
-    if dm.task.kind != "classification" or dm.spatial_dims != 2:
+    training's hook; None for tasks it is not measured for (volumes)."""
+    if not supported(dm.task, dm.spatial_dims):
         return None
     settings = RobustnessSettings(batch_size=int(cfg.data.get("eval_batch_size") or 256))
     test = dm.source.load()["test"]

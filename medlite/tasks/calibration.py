@@ -303,3 +303,109 @@ def _t_text(t: float | list[float] | None, limit: int | None = None) -> str:
     values = t if isinstance(t, list) else [t]
     shown = ", ".join(f"{v:.3f}" for v in values[:limit] if v is not None)
     return shown + (", ..." if limit is not None and len(values) > limit else "")
+
+
+# ---------------------------------------------------------------------- per-pixel (segmentation)
+#: the results.json block of segmentation runs (no temperature: the maps are judged as they are)
+PIXEL_KEY = "pixel_calibration"
+
+
+class PixelCalibration:
+    """ECE, MCE, Brier and NLL of per-pixel softmax probabilities, accumulated batch by batch.
+
+    A test split of 256 px masks is millions of pixels: instead of keeping them (as torchmetrics'
+    ``CalibrationError`` does), each batch adds its pixels to :data:`BINS` equal-width bins of
+    top-label confidence (count, summed confidence, summed correctness), which is all ECE and MCE
+    need; Brier (summed over classes) and NLL are running sums. The same definitions as the
+    classification metrics above, with every pixel an example.
+    """
+
+    def __init__(self, bins: int = BINS) -> None:
+        self.bins = bins
+        self.count = torch.zeros(bins, dtype=torch.float64)
+        self.confidence = torch.zeros(bins, dtype=torch.float64)
+        self.correct = torch.zeros(bins, dtype=torch.float64)
+        self.brier = 0.0
+        self.nll = 0.0
+        self.pixels = 0
+
+    def update(self, logits: torch.Tensor, masks: torch.Tensor) -> None:
+        """``logits`` (N, C, H, W), ``masks`` (N, H, W) or (N, 1, H, W) class indices."""
+        probs = torch.softmax(logits.double(), dim=1)
+        target = masks.long().reshape(probs.shape[0], *probs.shape[2:])
+        conf, pred = probs.max(dim=1)
+        idx = torch.clamp((conf * self.bins).long(), max=self.bins - 1).flatten()
+        self.count += torch.bincount(idx, minlength=self.bins).double()
+        self.confidence += torch.bincount(idx, conf.flatten(), minlength=self.bins)
+        hit = (pred == target).double().flatten()
+        self.correct += torch.bincount(idx, hit, minlength=self.bins)
+        onehot = F.one_hot(target, probs.shape[1]).movedim(-1, 1).double()
+        self.brier += float(((probs - onehot) ** 2).sum(dim=1).sum())
+        p_true = probs.gather(1, target.unsqueeze(1)).clamp_min(_EPS)
+        self.nll += float(-p_true.log().sum())
+        self.pixels += int(target.numel())
+
+    def compute(self) -> dict[str, float]:
+        if self.pixels == 0:
+            return dict.fromkeys(NAMES, float("nan"))
+        seen = self.count > 0
+        gap = (
+            self.correct[seen] / self.count[seen] - self.confidence[seen] / self.count[seen]
+        ).abs()
+        weight = self.count[seen] / self.pixels
+        return {
+            "ece": float((weight * gap).sum()),
+            "mce": float(gap.max()),
+            "brier": self.brier / self.pixels,
+            "nll": self.nll / self.pixels,
+        }
+
+
+def pixel_calibration(
+    model: nn.Module, datamodule, splits: tuple[str, ...] = ("val", "test")
+) -> dict:
+    """Per-pixel calibration of a segmentation model on each split: the results.json block."""
+    loaders = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader}
+    param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    device = param.device if param is not None else torch.device("cpu")
+    was_training = getattr(model, "training", False)
+    model.eval()
+    record: dict = {"bins": BINS, "confidence": "top label, every pixel an example"}
+    try:
+        with torch.inference_mode():
+            for split in splits:
+                acc = PixelCalibration()
+                for x, y in loaders[split]():
+                    acc.update(model(x.to(device)).float().cpu(), y)
+                record[split] = acc.compute() | {"pixels": acc.pixels}
+    finally:
+        model.train(was_training)
+    return record
+
+
+def pixel_summary_line(record: dict) -> str:
+    """One line for the console: the test split's per-pixel ECE, MCE, Brier and NLL."""
+    split = "test" if "test" in record else "val"
+    values = record.get(split) or {}
+    shown = " | ".join(f"{TITLES[k]} {values[k]:.4f}" for k in NAMES if k in values)
+    return f"pixel calibration ({split}, {record.get('bins', BINS)} bins): {shown}"
+
+
+def pixel_markdown_table(record: dict) -> list[str]:
+    """The model card's per-pixel calibration section (segmentation)."""
+    lines = [
+        "## Calibration (per pixel)",
+        "",
+        f"Every pixel's largest softmax probability in {record.get('bins', BINS)} equal-width "
+        "bins (ECE, MCE); Brier summed over classes; NLL of the true class. No temperature "
+        "scaling: the probability maps are shipped as the model gives them.",
+        "",
+        "| split | pixels | " + " | ".join(TITLES[k] for k in NAMES) + " |",
+        "|---|---|" + "---|" * len(NAMES),
+    ]
+    for split in ("val", "test"):
+        values = record.get(split) or {}
+        if values:
+            cells = " | ".join(_cell(values.get(k)) for k in NAMES)
+            lines.append(f"| {split} | {values.get('pixels', '-'):,} | {cells} |")
+    return lines
