@@ -103,6 +103,39 @@ def _stage(
     return row
 
 
+def kd_recovery(teacher: dict | None, before: dict | None, after: dict, task) -> dict | None:
+    """What distillation did, on the task's monitored metric: the teacher's value, the student's
+    before and after the KD step, the teacher-student gap and the share of it KD recovered
+    (1 = the student reached its teacher), on val (where choices are made) and test. Warns when
+    the teacher is not better than the student it teaches on val: distilling from it can only
+    pull the student towards a worse model. None without a teacher row to compare with."""
+    if teacher is None:
+        return None
+    metric, sign = task.monitor_metric, (1.0 if task.monitor_mode == "max" else -1.0)
+    out: dict = {"metric": metric}
+    for split in ("val", "test"):
+        t, a = (teacher.get(split) or {}).get(metric), (after.get(split) or {}).get(metric)
+        b = (before.get(split) or {}).get(metric) if before is not None else None
+        gap = None if b is None or t is None else sign * (t - b)
+        share = None if gap is None or gap <= 0 or a is None else sign * (a - b) / gap
+        out[split] = {"teacher": t, "student_before": b, "student_after": a, "gap": gap,
+                      "recovered_share": share}  # fmt: skip
+    val = out["val"]
+    if val["gap"] is not None and val["gap"] <= 0:
+        log.warning(
+            "kd: the teacher (val %s %.4f) is not better than the student it teaches (%.4f): "
+            "distillation pulls towards a weaker model; choose a stronger teacher",
+            task.title(metric), val["teacher"], val["student_before"],
+        )  # fmt: skip
+    elif val["recovered_share"] is not None:
+        log.info(
+            "kd: recovered %.0f%% of the teacher-student gap on val (%s %.4f -> %.4f, teacher "
+            "%.4f)", 100 * val["recovered_share"], task.title(metric), val["student_before"],
+            val["student_after"], val["teacher"],
+        )  # fmt: skip
+    return out
+
+
 def _prefixes(steps: Sequence[CompressionStep]) -> list[str]:
     kinds = [s.kind for s in steps]
     return [f"{k}/" if kinds.count(k) == 1 else f"{k}{i}/" for i, k in enumerate(kinds)]
@@ -150,6 +183,7 @@ def run_recipe(
 
     for i, (step, prefix) in enumerate(zip(steps, _prefixes(steps), strict=True)):
         log.info("compression step %s", step.kind)
+        student_before = comp["stages"][-1] if comp["stages"] else None
         model = step.prepare(model, ctx)
         if step.epochs > 0:
             phase = train_phase(
@@ -174,6 +208,18 @@ def run_recipe(
         last = i == len(steps) - 1  # the final model: the run's own report scores it
         row = _stage(cfg, prefix.rstrip("/"), model, datamodule, shape, None if last else robust)
         comp["stages"].append(row)
+        if step.kind == "kd":
+            source = getattr(step, "teacher_source", "config")
+            teacher_row = next(
+                (
+                    r
+                    for r in comp["stages"]
+                    if r["stage"] == ("before" if source == "base" else "teacher")
+                ),
+                None,
+            )
+            before = None if student_before is teacher_row else student_before
+            step.report["recovery"] = kd_recovery(teacher_row, before, row, datamodule.task)
 
     final = comp["stages"][-1]
     results["val"], results["test"] = final["val"], final["test"]

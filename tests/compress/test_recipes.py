@@ -102,6 +102,16 @@ def test_chain_runs_its_steps_in_order(tmp_path: Path, shared_data, base_ckpt) -
         "ptq",
     ]
     assert comp["steps"][1]["report"]["teacher"] == "base"  # distilled from the unpruned model
+    # what KD recovered of the gap pruning opened, measured against the unpruned teacher
+    recovery = comp["steps"][1]["report"]["recovery"]["val"]
+    before, pruned, kd = (_stage(res, s)["val"]["auc"] for s in ("before", "prune", "kd"))
+    assert (recovery["teacher"], recovery["student_before"], recovery["student_after"]) == (
+        before,
+        pruned,
+        kd,
+    )
+    if before > pruned:
+        assert recovery["recovered_share"] == pytest.approx((kd - pruned) / (before - pruned))
     pruned_macs = _stage(res, "prune")["efficiency"]["macs"]
     assert pruned_macs < 0.6 * _stage(res, "before")["efficiency"]["macs"]
     assert _stage(res, "kd")["efficiency"]["macs"] == pruned_macs  # KD fine-tunes, no rebuild
