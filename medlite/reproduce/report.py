@@ -192,7 +192,7 @@ def plot(rows: Sequence[dict], path: Path, budget: str) -> Path | None:
     metrics = metrics_of(rows)
     if not metrics or not rows:
         return None
-    fig = Figure(figsize=(4.2 * len(metrics), 0.9 + 0.42 * len(rows)), layout="constrained")
+    fig = Figure(figsize=(4.2 * len(metrics), 1.3 + 0.42 * len(rows)), layout="constrained")
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     labels = [f"{r['dataset']} {r['method']}" for r in rows]
     ys = list(range(len(rows)))[::-1]
@@ -217,7 +217,8 @@ def plot(rows: Sequence[dict], path: Path, budget: str) -> Path | None:
         ax.set_yticks(ys, labels if ax is axes[0] else [""] * len(ys))
         ax.set_xlabel(f"test {TITLES.get(m, m)}")
         ax.grid(True, axis="x", alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower left")
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=7, loc="outside lower center", ncols=2)  # off the data
     fig.suptitle(f"Reproduction ({budget})", fontsize=9)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
