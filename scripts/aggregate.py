@@ -44,8 +44,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--pareto-on",
         metavar="METRIC",
-        help="test metric the Pareto fronts and plot score on (default: the task's primary, "
-        "e.g. auc); e.g. ece (lower is better) or corrupted_auc (runs with eval.robustness=true)",
+        help="test metric the Pareto fronts and plot score on (default: the task's primary "
+        "metric); e.g. ece (lower is better), or corrupted_<primary> for runs with "
+        "eval.robustness=true",
     )
     parser.add_argument("--show-traceback", action="store_true", help="full traceback on errors")
     return parser.parse_args(argv)

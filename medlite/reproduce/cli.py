@@ -68,7 +68,7 @@ def list_table(recipes: Sequence[rc.Recipe]) -> Table:
     for r in recipes:
         entry = r.published()
         shown = ", ".join(
-            f"{report.TITLES.get(k, k)} {v:.3f}" for k, v in rc.published_metrics(entry).items()
+            f"{report.metric_label(k)} {v:.3f}" for k, v in rc.published_metrics(entry).items()
         )
         check = str(entry.get("check", "")).split(":", 1)[0]
         table.add_row(
@@ -114,9 +114,10 @@ def run(args: argparse.Namespace) -> int:
             f"[{done[0]}/{len(plan)}] {record.recipe.id.removeprefix('paper/')} seed {record.seed}"
         )
         if record.ok:
-            test = record.results.get("test") or {}
+            test, task = record.results.get("test") or {}, record.results.get("task")
+            published = rc.published_metrics(record.recipe.published())
             shown = " ".join(
-                f"{report.TITLES.get(k, k)} {test[k]:.3f}" for k in ("auc", "acc") if k in test
+                f"{report.metric_label(k, task)} {test[k]:.3f}" for k in published if k in test
             )
             how = "reused" if record.reused else f"{record.results.get('wall_time_s', 0):.0f} s"
             console.print(f"{escape(what)}: ok, {shown} ({how})", highlight=False)

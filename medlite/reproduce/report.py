@@ -14,8 +14,14 @@ from medlite.reproduce.recipes import Recipe, published_metrics, source_info
 from medlite.reproduce.runner import QUICK_EPOCHS, RunRecord
 
 QUICK_LABEL = f"quick ({QUICK_EPOCHS} epochs per run, not the paper's protocol)"
-#: metric titles of the tables (the published file names its metrics in lower case)
-TITLES = {"auc": "AUC", "acc": "ACC"}
+
+
+def metric_label(metric: str, task: dict | None = None) -> str:
+    """How tables title a metric: the runs' task record says; the published file names its
+    metrics in lower case, which upper case titles when no run finished."""
+    from medlite.results import metric_title
+
+    return metric_title(task, metric) if task else metric.upper()
 
 
 def budget_label(quick: bool, overrides: Sequence[str]) -> str:
@@ -55,6 +61,7 @@ def summarise(records: Sequence[RunRecord]) -> list[dict]:
             "errors": [f"seed {r.seed}: {r.error}" for r in runs if not r.ok],
             "tolerance": tolerance,
             "check": entry.get("check", ""),
+            "task": next((r.results["task"] for r in ok if r.results.get("task")), None),
         }
         for metric, published in published_metrics(entry).items():
             values = [
@@ -79,6 +86,11 @@ def summarise(records: Sequence[RunRecord]) -> list[dict]:
         )
         rows.append(row)
     return rows
+
+
+def task_of(rows: Sequence[dict]) -> dict | None:
+    """The task record of the first recipe with a finished run (metric titles)."""
+    return next((r["task"] for r in rows if r.get("task")), None)
 
 
 def metrics_of(rows: Sequence[dict]) -> list[str]:
@@ -113,7 +125,7 @@ def _count(value: float | None) -> str:
 
 
 def markdown(rows: Sequence[dict], title: str, budget: str) -> str:
-    metrics = metrics_of(rows)
+    metrics, task = metrics_of(rows), task_of(rows)
     sources = sorted({r["recipe"].split("/")[1] for r in rows})
     out = [f"# Reproduction: {title}", "", f"Budget: **{budget}**. Ours: test split, mean ± "
            "sample std over the seeds that finished (n). Published: the source's number "
@@ -122,7 +134,7 @@ def markdown(rows: Sequence[dict], title: str, budget: str) -> str:
            "time per run on this machine.", ""]  # fmt: skip
     head = ["recipe", "n"]
     for m in metrics:
-        t = TITLES.get(m, m)
+        t = metric_label(m, task)
         head += [f"{t} ours", f"{t} published", "Δ", "within"]
     head += ["params", "MACs", "latency (ms)", "wall time / run"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -150,7 +162,7 @@ def markdown(rows: Sequence[dict], title: str, budget: str) -> str:
         out.append(f"- **{s}**: {info.get('citation', '')}, doi {info.get('doi', '–')}; "
                    f"{info.get('table', '')}; {info.get('averaged_over', '')}; tolerance ±{tol}.")  # fmt: skip
         for metric, text in (info.get("metrics") or {}).items():
-            out.append(f"  - {TITLES.get(metric, metric)}: {text}")
+            out.append(f"  - {metric_label(metric, task)}: {text}")
     out += ["", "## How each published number was checked", ""]
     out += [f"- {r['dataset']} {r['method']}: {r['check']}" for r in rows]
     failed = [(r["recipe"], e) for r in rows for e in r["errors"]]
@@ -189,7 +201,7 @@ def plot(rows: Sequence[dict], path: Path, budget: str) -> Path | None:
     """Ours (mean ± std) beside the published number, one panel per metric."""
     from matplotlib.figure import Figure
 
-    metrics = metrics_of(rows)
+    metrics, task = metrics_of(rows), task_of(rows)
     if not metrics or not rows:
         return None
     fig = Figure(figsize=(4.2 * len(metrics), 1.3 + 0.42 * len(rows)), layout="constrained")
@@ -215,7 +227,7 @@ def plot(rows: Sequence[dict], path: Path, budget: str) -> Path | None:
                 ax.errorbar(c["ours"], y, xerr=c.get("std") or 0, fmt="o", color="tab:blue", capsize=3,
                             zorder=4, label="ours (mean ± std)" if y == ys[0] else None)  # fmt: skip
         ax.set_yticks(ys, labels if ax is axes[0] else [""] * len(ys))
-        ax.set_xlabel(f"test {TITLES.get(m, m)}")
+        ax.set_xlabel(f"test {metric_label(m, task)}")
         ax.grid(True, axis="x", alpha=0.3)
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, fontsize=7, loc="outside lower center", ncols=2)  # off the data
