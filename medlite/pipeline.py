@@ -232,9 +232,10 @@ def _calibration(model, dm, results: dict, output_dir: Path) -> dict:
 def _pixel_calibration(model, dm, results: dict) -> None:
     """Segmentation: ECE, MCE, Brier and NLL of the per-pixel probabilities on val and test ->
     results.json ``pixel_calibration``."""
+    from medlite.compress.evaluate import pixel_calibration
     from medlite.tasks import calibration
 
-    record = calibration.pixel_calibration(model, dm)
+    record = pixel_calibration(model, dm)
     results[calibration.PIXEL_KEY] = record
     log.info(calibration.pixel_summary_line(record))
 

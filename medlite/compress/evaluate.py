@@ -7,6 +7,8 @@ the one plain loop every row of the table goes through.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import torch
 from torch import nn
@@ -35,32 +37,57 @@ def predict_scores(
     return torch.cat(labels).numpy(), torch.cat(scores).numpy()
 
 
+def split_batches(
+    model: nn.Module, datamodule, split: str
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Each batch of a split as (the model's raw float32 logits on the CPU, the labels), the
+    model in eval mode on its own device, without gradients; its mode is restored after."""
+    loader = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader}[split]()
+    was_training = getattr(model, "training", False)
+    if isinstance(model, nn.Module):
+        model.eval()
+    param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    device = param.device if param is not None else torch.device("cpu")
+    try:
+        with torch.inference_mode():
+            for x, y in loader:
+                yield model(x.to(device)).float().cpu(), y
+    finally:
+        if isinstance(model, nn.Module):
+            model.train(was_training)
+
+
 def split_logits(
     model: nn.Module, datamodule, splits: tuple[str, ...] = ("val", "test")
 ) -> dict[str, tuple[torch.Tensor, np.ndarray]]:
     """Per split, the model's raw logits (float32, CPU, before any activation or temperature)
     and the dataset's labels: what calibration and conformal prediction are fitted on (val) and
     judged on (test). Classification only: (N, C) logits are small; a segmentation split's
-    per-pixel maps are not."""
-    loaders = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader}
-    was_training = getattr(model, "training", False)
-    if isinstance(model, nn.Module):
-        model.eval()
-    param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
-    device = param.device if param is not None else torch.device("cpu")
+    per-pixel maps are not (:func:`pixel_calibration` streams them)."""
     out = {}
-    try:
-        with torch.inference_mode():
-            for split in splits:
-                logits, labels = [], []
-                for x, y in loaders[split]():
-                    logits.append(model(x.to(device)).float().cpu())
-                    labels.append(y)
-                out[split] = (torch.cat(logits), torch.cat(labels).numpy())
-    finally:
-        if isinstance(model, nn.Module):
-            model.train(was_training)
+    for split in splits:
+        logits, labels = [], []
+        for z, y in split_batches(model, datamodule, split):
+            logits.append(z)
+            labels.append(y)
+        out[split] = (torch.cat(logits), torch.cat(labels).numpy())
     return out
+
+
+def pixel_calibration(
+    model: nn.Module, datamodule, splits: tuple[str, ...] = ("val", "test")
+) -> dict:
+    """Per-pixel calibration of a segmentation model on each split, batch by batch: the
+    results.json block (:class:`medlite.tasks.calibration.PixelCalibration`)."""
+    from medlite.tasks.calibration import BINS, PixelCalibration
+
+    record: dict = {"bins": BINS, "confidence": "top label, every pixel an example"}
+    for split in splits:
+        acc = PixelCalibration()
+        for logits, masks in split_batches(model, datamodule, split):
+            acc.update(logits, masks)
+        record[split] = acc.compute() | {"pixels": acc.pixels}
+    return record
 
 
 def evaluate(model: nn.Module, loader: DataLoader, task: Task) -> dict[str, float]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import csv
 import io
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
 from medlite.atomic import atomic_path, write_text
 from medlite.reproduce.recipes import Recipe, published_metrics, source_info
 from medlite.reproduce.runner import QUICK_EPOCHS, RunRecord
+from medlite.sweeps.aggregate import format_count, format_float, format_pm, mean_std
 
 QUICK_LABEL = f"quick ({QUICK_EPOCHS} epochs per run, not the paper's protocol)"
 
@@ -31,12 +31,6 @@ def budget_label(quick: bool, overrides: Sequence[str]) -> str:
         return QUICK_LABEL if quick else "the paper's protocol"
     changed = "overrides " + " ".join(extra)
     return f"{QUICK_LABEL}, {changed}" if quick else f"{changed} (not the paper's protocol)"
-
-
-def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
 def summarise(records: Sequence[RunRecord]) -> list[dict]:
@@ -69,7 +63,7 @@ def summarise(records: Sequence[RunRecord]) -> list[dict]:
                 for r in ok
                 if isinstance((r.results.get("test") or {}).get(metric), (int, float))
             ]
-            mean, std = _mean_std(values)
+            mean, std = mean_std(values)
             diff = None if mean is None else mean - published
             row[metric] = {
                 "ours": mean,
@@ -80,8 +74,8 @@ def summarise(records: Sequence[RunRecord]) -> list[dict]:
             }
         eff = [r.results.get("efficiency") or {} for r in ok]
         for key in ("params", "macs", "latency_ms"):
-            row[key], _ = _mean_std([float(e[key]) for e in eff if e.get(key) is not None])
-        row["wall_time_s"], _ = _mean_std(
+            row[key], _ = mean_std([float(e[key]) for e in eff if e.get(key) is not None])
+        row["wall_time_s"], _ = mean_std(
             [float(r.results["wall_time_s"]) for r in ok if r.results.get("wall_time_s")]
         )
         rows.append(row)
@@ -99,29 +93,12 @@ def metrics_of(rows: Sequence[dict]) -> list[str]:
     )
 
 
-def _f(value: float | None, digits: int = 3, sign: bool = False) -> str:
-    if value is None:
-        return "–"
-    return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
-
-
-def _pm(cell: dict) -> str:
-    if cell["ours"] is None:
-        return "–"
-    return _f(cell["ours"]) + ("" if cell["std"] is None else f" ± {cell['std']:.3f}")
+def _signed(value: float | None) -> str:
+    return "–" if value is None else f"{value:+.3f}"
 
 
 def _verdict(cell: dict) -> str:
     return "–" if cell["within"] is None else ("yes" if cell["within"] else "no")
-
-
-def _count(value: float | None) -> str:
-    if value is None:
-        return "–"
-    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if value >= div:
-            return f"{value / div:.3g} {unit}"
-    return f"{value:.0f}"
 
 
 def markdown(rows: Sequence[dict], title: str, budget: str) -> str:
@@ -151,9 +128,19 @@ def markdown(rows: Sequence[dict], title: str, budget: str) -> str:
                 "diff": None,
                 "within": None,
             }
-            cells += [_pm(c), _f(c["published"]), _f(c["diff"], sign=True), _verdict(c)]
+            cells += [
+                format_pm(c["ours"], c["std"]),
+                format_float(c["published"], 3),
+                _signed(c["diff"]),
+                _verdict(c),
+            ]
         wall = "–" if r["wall_time_s"] is None else f"{r['wall_time_s'] / 60:.1f} min"
-        cells += [_count(r["params"]), _count(r["macs"]), _f(r["latency_ms"], 2), wall]
+        cells += [
+            format_count(r["params"]),
+            format_count(r["macs"]),
+            format_float(r["latency_ms"], 2),
+            wall,
+        ]
         out.append("| " + " | ".join(cells) + " |")
     out += ["", "## Sources", ""]
     for s in sources:

@@ -221,10 +221,7 @@ def _record(file: Path, root: Path, res: dict) -> dict:
     if task is not None:
         rec["task"] = task
         rec.update({SweepMetrics.column(m): _num(test.get(m)) for m in task.get("metrics") or ()})
-        for metric, summary in _dict(res.get("robustness")).items():  # eval.robustness=true
-            if isinstance(summary, dict) and "mean_corrupted" in summary:
-                rec[SweepMetrics.column(f"corrupted_{metric}")] = _num(summary["mean_corrupted"])
-                rec[SweepMetrics.column(f"relative_{metric}")] = _num(summary.get("relative"))
+        rec.update(_robustness_columns(res.get("robustness")))  # eval.robustness=true
     rec.update({k: _num(eff.get(k)) for k in COSTS})
     stages = _dict(res.get("compression")).get("stages")
     if task is not None and isinstance(stages, list):  # not a CSV column, like task
@@ -236,6 +233,17 @@ def _record(file: Path, root: Path, res: dict) -> dict:
     return rec
 
 
+def _robustness_columns(robustness: Any) -> dict[str, float | None]:
+    """``test_corrupted_<m>`` and ``test_relative_<m>`` of a robustness summary (a run's or a
+    compression stage's results.json ``robustness``), for each metric it holds."""
+    out: dict[str, float | None] = {}
+    for metric, summary in _dict(robustness).items():
+        if isinstance(summary, dict) and "mean_corrupted" in summary:
+            out[SweepMetrics.column(f"corrupted_{metric}")] = _num(summary["mean_corrupted"])
+            out[SweepMetrics.column(f"relative_{metric}")] = _num(summary.get("relative"))
+    return out
+
+
 def _stage_record(stage: dict, task: dict) -> dict:
     """One compression stage of a run, in the run-level column names (``test_<metric>``), plus
     the ECE after the stage's own temperature scaling (``test_ece_scaled``)."""
@@ -244,10 +252,7 @@ def _stage_record(stage: dict, task: dict) -> dict:
     row.update({SweepMetrics.column(m): _num(test.get(m)) for m in task.get("metrics") or ()})
     scaled = _dict(_dict(stage.get("calibrated")).get("test")).get("ece")
     row[SweepMetrics.column(STAGE_ECE_SCALED)] = _num(scaled)
-    for metric, summary in _dict(stage.get("robustness")).items():
-        if isinstance(summary, dict) and "mean_corrupted" in summary:
-            row[SweepMetrics.column(f"corrupted_{metric}")] = _num(summary["mean_corrupted"])
-            row[SweepMetrics.column(f"relative_{metric}")] = _num(summary.get("relative"))
+    row.update(_robustness_columns(stage.get("robustness")))
     row.update({k: _num(eff.get(k)) for k in COSTS})
     return row
 
@@ -280,7 +285,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
 # --------------------------------------------------------------------------- summarise
 
 
-def _mean_std(values: Iterable[Any]) -> tuple[float | None, float | None]:
+def mean_std(values: Iterable[Any]) -> tuple[float | None, float | None]:
     """Mean and sample std (ddof=1); std is None for fewer than two values."""
     vals = [float(v) for v in values if _num(v) is not None]
     if not vals:
@@ -336,9 +341,9 @@ def summarise(
             row["task"] = task
         for m in metrics.names:
             col = metrics.column(m)
-            row[col], row[f"{col}_std"] = _mean_std(r.get(col) for r in ok)
+            row[col], row[f"{col}_std"] = mean_std(r.get(col) for r in ok)
         for c in COSTS:
-            mean, std = _mean_std(r.get(c) for r in ok)
+            mean, std = mean_std(r.get(c) for r in ok)
             row[c] = round(mean) if mean is not None and c in ("params", "macs") else mean
             if c == "latency_ms":
                 row["latency_ms_std"] = std
@@ -407,7 +412,7 @@ def summarise_stages(records: Sequence[dict], metrics: SweepMetrics | None = Non
             row: dict[str, Any] = dict(zip(GROUP_KEYS, key, strict=True))
             row.update(stage=name, n=len(stages))
             for col in [*columns, *COSTS]:
-                row[col], row[f"{col}_std"] = _mean_std(s.get(col) for s in stages)
+                row[col], row[f"{col}_std"] = mean_std(s.get(col) for s in stages)
             rows.append(row)
     rows.sort(key=_sort_key)  # as the summary; stable, so each recipe's stages keep their order
     return rows

@@ -361,28 +361,6 @@ class PixelCalibration:
         }
 
 
-def pixel_calibration(
-    model: nn.Module, datamodule, splits: tuple[str, ...] = ("val", "test")
-) -> dict:
-    """Per-pixel calibration of a segmentation model on each split: the results.json block."""
-    loaders = {"val": datamodule.val_dataloader, "test": datamodule.test_dataloader}
-    param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
-    device = param.device if param is not None else torch.device("cpu")
-    was_training = getattr(model, "training", False)
-    model.eval()
-    record: dict = {"bins": BINS, "confidence": "top label, every pixel an example"}
-    try:
-        with torch.inference_mode():
-            for split in splits:
-                acc = PixelCalibration()
-                for x, y in loaders[split]():
-                    acc.update(model(x.to(device)).float().cpu(), y)
-                record[split] = acc.compute() | {"pixels": acc.pixels}
-    finally:
-        model.train(was_training)
-    return record
-
-
 def pixel_summary_line(record: dict) -> str:
     """One line for the console: the test split's per-pixel ECE, MCE, Brier and NLL."""
     split = "test" if "test" in record else "val"
