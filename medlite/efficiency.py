@@ -139,6 +139,29 @@ def _time_ms(model: nn.Module, example: torch.Tensor, warmup: int, repeats: int)
     return times
 
 
+def interleaved_latency_ms(
+    models: dict[str, nn.Module],
+    example: torch.Tensor,
+    *,
+    warmup: int = 5,
+    repeats: int = 30,
+    rounds: int = 5,
+) -> dict[str, list[float]]:
+    """Batch-1 latencies of several models measured in turns (``rounds`` passes over all of
+    them, ``repeats / rounds`` timings each time), so a burst of load elsewhere on the machine
+    slows every model alike instead of whichever happened to be running: their ratios stay
+    fair on a shared machine."""
+    times: dict[str, list[float]] = {name: [] for name in models}
+    per_round = max(1, -(-repeats // max(1, rounds)))
+    for m in models.values():
+        m.eval()
+        _time_ms(m, example, warmup, 0)
+    for _ in range(max(1, rounds)):
+        for name, m in models.items():
+            times[name] += _time_ms(m, example, 0, per_round)
+    return times
+
+
 @dataclass
 class EfficiencyProfile:
     params: int
@@ -171,11 +194,14 @@ def profile_model(
     warmup: int = 5,
     throughput_batch: int = 64,
     threads: int | None = None,
+    latencies: list[float] | None = None,
 ) -> EfficiencyProfile:
     """Measure ``model`` on CPU for inputs of shape (C, H, W); restores train mode and threads.
 
     A model that torch can't inspect (an ONNX Runtime int8 session wrapped as a module) carries a
     ``profile_overrides`` dict with what it knows itself: ``params``, ``macs``, ``size_mb``.
+    ``latencies``: batch-1 timings (ms) already taken, e.g. in turns with other runtimes by
+    :func:`interleaved_latency_ms`, used instead of timing again.
     """
     known = dict(getattr(model, "profile_overrides", None) or {})
     old_threads = torch.get_num_threads()
@@ -188,7 +214,7 @@ def profile_model(
         memory = peak_forward_memory_mb(model, one)  # first, before caches are warm
         macs = known["macs"] if "macs" in known else count_macs(model, one)
         with _recording_implementations() as seen:
-            lat = sorted(_time_ms(model, one, warmup, repeats))
+            lat = sorted(latencies or _time_ms(model, one, warmup, repeats))
             batch = torch.randn(throughput_batch, *input_shape)
             t_batch = _time_ms(model, batch, 1, max(3, repeats // 10))
         return EfficiencyProfile(

@@ -3,9 +3,13 @@ under a deployment budget.
 
     python scripts/aggregate.py outputs/train/multiruns/<time> [--out DIR]
         [--select "latency_ms<=5" "size_mb<=2" "ece<=0.05"] [--pareto-on ece]
+        [--latency {deployed,eager}]
 
 Writes aggregate.csv (one row per job), summary.csv, summary.md and pareto.png to --out
-(default <sweep dir>/aggregate). Exit code 1 with one message for medlite's errors.
+(default <sweep dir>/aggregate). Latency is the deployed one by default: the fastest exported
+runtime that passed its parity checks, eager PyTorch where a run was not exported;
+--latency eager ranks on eager PyTorch for every run. Exit code 1 with one message for
+medlite's errors.
 """
 
 from __future__ import annotations
@@ -48,6 +52,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "metric); e.g. ece (lower is better), or corrupted_<primary> for runs with "
         "eval.robustness=true",
     )
+    parser.add_argument(
+        "--latency",
+        choices=tuple(agg.LATENCIES),
+        default="deployed",
+        help="which batch-1 CPU latency the tables show and the Pareto fronts, the plot and "
+        "--select latency_ms budgets use: deployed (default), the fastest runtime of an "
+        "exported run that passed its parity checks (eager PyTorch for a run that was not "
+        "exported); eager, the eager PyTorch profile of every run. The 'runtime' column says "
+        "which runtime each latency ran on",
+    )
     parser.add_argument("--show-traceback", action="store_true", help="full traceback on errors")
     return parser.parse_args(argv)
 
@@ -65,7 +79,10 @@ def summary_table(
     """One row per group: the task's headline test metrics (and the Pareto axis, corrupted
     primary metric), cost and Pareto membership."""
     shown = shown_metrics(metrics, axis or metrics)
-    table = Table(title="sweep summary (test metrics: mean ± std over seeds)")
+    table = Table(
+        title="sweep summary (test metrics: mean ± std over seeds)",
+        caption=f"latency: batch 1, CPU, {agg.latency_note(summary)}",
+    )
     for col in (
         "paradigm",
         "model",
@@ -78,10 +95,12 @@ def summary_table(
         "MACs",
         "size (MB)",
         "latency (ms)",
+        "runtime",
         "Pareto",
     ):
-        text = col in ("paradigm", "model", "compress", "data/size")
-        key = {"data/size": "data"}.get(col, col)  # names are never squeezed to an ellipsis
+        text = col in ("paradigm", "model", "compress", "data/size", "runtime")
+        # names are never squeezed to an ellipsis
+        key = {"data/size": "data", "runtime": "latency_runtime"}.get(col, col)
         width = (
             min(24, max((len(str(r.get(key))) for r in summary), default=4) + 3) if text else None
         )
@@ -101,6 +120,7 @@ def summary_table(
             agg.format_count(r["macs"]),
             agg.format_float(r["size_mb"]),
             agg.format_float(r["latency_ms"]),
+            str(r.get("latency_runtime") or "–"),
             agg.pareto_label(r),
         )
     return table
@@ -174,7 +194,8 @@ def print_selection(
     )
     console.print(
         f"  test {primary} {agg.format_pm(*agg.metric_cells(best, metrics.primary))} over {best['n']} "
-        f"seed(s); latency {agg.format_float(best['latency_ms'])} ms, "
+        f"seed(s); latency {agg.format_float(best['latency_ms'])} ms "
+        f"({best.get('latency_runtime') or '–'}), "
         f"{agg.format_float(best['size_mb'])} MB, {agg.format_count(best['params'])} params",
         highlight=False,
     )
@@ -198,7 +219,7 @@ def print_selection(
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    records = agg.collect(args.sweep_dir)
+    records = agg.collect(args.sweep_dir, args.latency)
     metrics = agg.sweep_metrics(records)  # from the runs' task records
     if args.select:  # a bad constraint fails before any file is written
         for c in args.select:

@@ -1,15 +1,19 @@
-"""Deployment benchmark: one model per paradigm, trained, exported and measured on this machine.
+"""Deployment benchmark: the default model of each paradigm, at each input size, on every runtime.
 
-For each model it trains on real MedMNIST data (or reuses the run with --reuse), exports ONNX
-fp32 + int8 with the test-split parity checks, then runs the deployment benchmark (PyTorch eager,
-ONNX Runtime fp32, ONNX Runtime int8 at each thread count, in one process). The table gives the
-ratio of eager latency to ORT int8 latency at the same thread count, measured in the same run.
+For each model and size it trains on real MedMNIST data (28-px images, upsampled to the model's
+input size beyond 28 as in MedMNIST v2's "(224)" rows; or reuses the run with --reuse), exports
+every format whose runtime is installed (ONNX Runtime and OpenVINO, fp32 and int8) with the
+test-split parity checks, then runs the deployment benchmark: eager PyTorch and every runtime,
+batch-1 latency timed in turns in one process at each thread count, with each row's share of
+this machine's peak (MACs per second against a large matrix product timed in the same process).
 
     MEDLITE_DATA_DIR=../shared/data python scripts/bench_deploy.py
-    python scripts/bench_deploy.py --models litecnn mobilevit vim --data breastmnist --epochs 30
+    python scripts/bench_deploy.py --models litecnn --sizes 28 224 --epochs 5 --threads 1
 
-Everything goes to outputs/bench_deploy/<data>/<model>/ (a normal run directory with export/
-and model_card.md), plus outputs/bench_deploy/summary.json.
+Everything goes to outputs/bench_deploy/<data>/<size>/<model>/ (a normal run directory with
+export/ and model_card.md), plus outputs/bench_deploy/summary.json. The table: per model, size
+and thread count, each runtime's median latency (ms); "int8 gain" is the best fp32 runtime's
+latency over the best int8 runtime's among those that passed parity; sizes are the files.
 """
 
 from __future__ import annotations
@@ -22,22 +26,64 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from medlite.deploy import runtimes
 from medlite.deploy.benchmark import BenchmarkSettings, benchmark_run
-from medlite.deploy.export import ExportSettings, export_run
+from medlite.deploy.export import ExportError, ExportSettings, export_run
 from medlite.pipeline import run_with_overrides
 from medlite.results import metric_title, primary_metric, write_json
 from medlite.tasks import task_record
+
+#: one default model per paradigm
+MODELS = ["litecnn", "mobilevit", "vim"]
+
+
+def _best(rows: dict[str, dict], formats: dict, precision: str) -> tuple[str, dict] | None:
+    """The fastest row of ``precision`` whose format passed its parity checks."""
+    cands = [
+        (f, r)
+        for f, r in rows.items()
+        if f in runtimes.FORMATS
+        and runtimes.FORMATS[f].precision == precision
+        and ((formats.get(f) or {}).get("parity") or {}).get("ok")
+    ]
+    return min(cands, key=lambda fr: fr[1]["latency_ms"]) if cands else None
+
+
+def _train_and_export(model: str, size: int, args) -> tuple[Path, dict, dict]:
+    out = Path(args.out) / args.data / str(size) / model
+    overrides = [
+        f"data={args.data}",
+        f"model={model}",
+        f"data.epochs={args.epochs}",
+        f"seed={args.seed}",
+        "callbacks=none",
+        "logger=csv",
+    ]
+    if size != 28:
+        overrides.append(f"model.input_size={size}")
+    res = run_with_overrides(out, overrides, args.reuse)
+    export_file = out / "export" / "export.json"
+    if args.reuse and export_file.is_file():
+        exp = json.loads(export_file.read_text())
+    else:
+        try:
+            exp = export_run(out, ExportSettings(formats=["all"]))
+        except ExportError as err:  # a failed check is a result here: the row says which
+            logging.warning("%s", err)
+            exp = json.loads(export_file.read_text())
+    return out, res, exp
 
 
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--models", nargs="+", default=["litecnn", "mobilevit", "efficientvit", "vim"])
+    p.add_argument("--models", nargs="+", default=MODELS)
+    p.add_argument("--sizes", nargs="+", type=int, default=[28, 64, 224])
     p.add_argument("--data", default="breastmnist")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--repeats", type=int, default=100)
+    p.add_argument("--repeats", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/bench_deploy")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs and exports")
@@ -48,85 +94,84 @@ def main() -> None:
     )
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    console = Console(width=160)
+    console = Console(width=200)
     summary = []
-    for model in args.models:
-        out = Path(args.out) / args.data / model
-        overrides = [
-            f"data={args.data}",
-            f"model={model}",
-            f"data.epochs={args.epochs}",
-            f"seed={args.seed}",
-            "callbacks=none",
-            "logger=csv",
-        ]
-        res = run_with_overrides(out, overrides, args.reuse)
-        export_file = out / "export" / "export.json"
-        if args.reuse and export_file.is_file():
-            exp = json.loads(export_file.read_text())
-        else:
-            exp = export_run(out, ExportSettings(formats=["onnx_fp32", "onnx_int8"]))
-        if args.no_bench:
-            continue
-        bench = benchmark_run(
-            out, BenchmarkSettings(threads=args.threads, repeats=args.repeats, warmup=20)
-        )
-        record = task_record(res)
-        metric, _ = primary_metric(record)
-        summary.append(
-            {
-                "model": model,
-                "paradigm": res["model"]["paradigm"],
-                "params": res["model"]["params"],
-                "metric": metric,
-                "title": metric_title(record, metric),
-                "test_eager": exp["reference"]["test"][metric],
-                "test_int8": exp["formats"]["onnx_int8"]["test"][metric],
-                "formats": exp["formats"],
-                "rows": bench["rows"],
-                "machine": bench["machine"],
-            }
-        )
-    if not summary:
-        return
-    write_json(Path(args.out) / "summary.json", {"runs": summary})
-
-    table = Table(
-        title=f"deployment on {summary[0]['machine']['cpu']} ({args.data}, 28 px, batch 1)"
-    )
-    title = ", ".join(dict.fromkeys(s["title"] for s in summary))
-    for col in (
-        "model",
-        "paradigm",
-        f"{title} eager",
-        f"{title} int8",
-        "threads",
-        "eager ms",
-        "ORT fp32 ms",
-        "ORT int8 ms",
-        "eager/int8",
-        "MB fp32 -> int8",
-        "int8 proc MB",
-    ):
-        table.add_column(col, justify="left" if col in ("model", "paradigm") else "right")
-    for s in summary:
-        for t in args.threads:
-            rows = {r["runtime"]: r for r in s["rows"] if r["threads"] == t}
-            mem = rows["onnx_int8"].get("process_memory") or {}
-            table.add_row(
-                s["model"],
-                s["paradigm"],
-                f"{s['test_eager']:.3f}",
-                f"{s['test_int8']:.3f}",
-                str(t),
-                f"{rows['pytorch']['latency_ms']:.2f}",
-                f"{rows['onnx_fp32']['latency_ms']:.2f}",
-                f"{rows['onnx_int8']['latency_ms']:.2f}",
-                f"{rows['onnx_int8']['speedup_vs_pytorch']:.2f}x",
-                f"{s['formats']['onnx_fp32']['size_mb']:.2f} -> {s['formats']['onnx_int8']['size_mb']:.2f}",
-                "-" if not mem else f"{mem['peak_batch1_mb']:.0f}",
+    for size in args.sizes:
+        for model in args.models:
+            out, res, exp = _train_and_export(model, size, args)
+            if args.no_bench:
+                continue
+            bench = benchmark_run(
+                out, BenchmarkSettings(threads=args.threads, repeats=args.repeats, warmup=10)
             )
-    console.print(table)
+            record = task_record(res)
+            metric, _ = primary_metric(record)
+            summary.append(
+                {
+                    "model": model,
+                    "size": size,
+                    "paradigm": res["model"]["paradigm"],
+                    "params": res["model"]["params"],
+                    "metric": metric,
+                    "title": metric_title(record, metric),
+                    "test": {"pytorch": exp["reference"]["test"][metric]}
+                    | {f: e["test"][metric] for f, e in exp["formats"].items() if "test" in e},
+                    "formats": exp["formats"],
+                    "rows": bench["rows"],
+                    "machine": bench["machine"],
+                }
+            )
+            write_json(Path(args.out) / "summary.json", {"runs": summary})  # nothing lost
+    if summary:
+        console.print(summary_table(summary, args.data))
+
+
+def summary_table(summary: list[dict], data: str) -> Table:
+    shown = [f for f in runtimes.DEPLOYABLE if any(f in s["formats"] for s in summary)]
+    title = ", ".join(dict.fromkeys(s["title"] for s in summary))
+    table = Table(title=f"deployment on {summary[0]['machine']['cpu']} ({data}, batch 1)")
+    cols = ["model", "px", "thr", "eager ms", *(f"{runtimes.LABELS[f]} ms" for f in shown)]
+    cols += ["int8 gain", "% peak (best)", "fp32 -> int8 MB", f"{title} eager -> int8"]
+    for col in cols:
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for s in summary:
+        for t in sorted({r["threads"] for r in s["rows"]}):
+            rows = {r["format"]: r for r in s["rows"] if r["threads"] == t}
+
+            def ms(f: str, rows=rows, s=s) -> str:
+                if f not in rows:
+                    return "-"
+                ok = ((s["formats"].get(f) or {}).get("parity") or {}).get("ok", True)
+                return f"{rows[f]['latency_ms']:.2f}" + ("" if ok else " (fails)")
+
+            fp32, int8 = _best(rows, s["formats"], "fp32"), _best(rows, s["formats"], "int8")
+            gain = f"{fp32[1]['latency_ms'] / int8[1]['latency_ms']:.2f}x" if fp32 and int8 else "-"
+            best = min(
+                (x for x in (fp32, int8) if x), key=lambda fr: fr[1]["latency_ms"], default=None
+            )
+            frac = best[1].get("peak_fraction") if best else None
+            sizes = (
+                f"{s['formats'][fp32[0]]['size_mb']:.2f} -> {s['formats'][int8[0]]['size_mb']:.2f}"
+                if fp32 and int8
+                else "-"
+            )
+            acc = (
+                f"{s['test']['pytorch']:.3f} -> {s['test'][int8[0]]:.3f}"
+                if int8
+                else f"{s['test']['pytorch']:.3f} -> (no int8 passed)"
+            )
+            table.add_row(
+                f"{s['model']} ({s['paradigm']})",
+                str(s["size"]),
+                str(t),
+                ms("pytorch"),
+                *(ms(f) for f in shown),
+                gain,
+                "-" if frac is None else f"{100 * frac:.1f} ({runtimes.LABELS[best[0]]})",
+                sizes,
+                acc,
+            )
+    return table
 
 
 if __name__ == "__main__":

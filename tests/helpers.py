@@ -212,3 +212,12 @@ def run_with_robustness_at_severity_1(cfg) -> None:
             robustness_run, "RobustnessSettings", partial(RobustnessSettings, severities=[1])
         )
         run(cfg)
+
+
+def installed_openvino() -> tuple[str, ...]:
+    """The OpenVINO formats ``export=all`` writes here: both when medlite[openvino] is installed."""
+    from medlite.deploy import runtimes
+
+    if not runtimes.installed("openvino"):
+        return ()
+    return tuple(n for n, f in runtimes.FORMATS.items() if f.runtime == "openvino")

@@ -20,12 +20,13 @@ from rich.table import Table
 
 from medlite.deploy.benchmark import BenchmarkSettings
 from medlite.deploy.export import ExportSettings
+from medlite.deploy.runtimes import LABELS
 from medlite.errors import ConfigError, MedliteError
 
 
 @dataclass
 class ExportCommand(ExportSettings):
-    """python scripts/export.py run=<run dir> [formats=[onnx_fp32,onnx_int8,torch_export]] ..."""
+    """python scripts/export.py run=<run dir> [formats=all] ..."""
 
     run: str = MISSING
     #: where the MedMNIST file is (default: where the run found it, else MEDLITE_DATA_DIR)
@@ -50,8 +51,8 @@ class PredictCommand:
     run: str = MISSING
     #: a PNG/JPEG/BMP/TIFF, DICOM or 2D NIfTI file, or a folder of them (searched recursively)
     input: str = MISSING
-    #: auto (int8 ONNX if exported and checked, else fp32 ONNX, else PyTorch), pytorch,
-    #: onnx_fp32 or onnx_int8
+    #: auto (the fastest runtime that passed its checks, as measured here), pytorch, or an
+    #: exported format: onnx_fp32, onnx_int8, openvino_fp32, openvino_int8
     runtime: str = "auto"
     #: also write the predictions to this CSV file (segmentation: always written, by default
     #: to <run>/predictions/predictions.csv; masks and overlays go in the CSV's folder)
@@ -71,7 +72,8 @@ PREDICTIONS_DIR, PREDICTIONS_CSV = "predictions", "predictions.csv"
 HELP = {
     "run": "run directory written by train.py (holds results.json)",
     "input": "image file (PNG/JPEG/BMP/TIFF, DICOM, 2D NIfTI) or a folder of them",
-    "runtime": "auto | pytorch | onnx_fp32 | onnx_int8 (auto: checked int8, else fp32 ONNX, else PyTorch)",
+    "runtime": "auto | pytorch | onnx_fp32 | onnx_int8 | openvino_fp32 | openvino_int8 (auto: the "
+    "fastest that passed its parity checks, as the last benchmark, else the export, measured it)",
     "out": "also write the predictions to this CSV file (segmentation: always written, default "
     "<run>/predictions/predictions.csv; masks, overlays and NIfTI masks go next to it)",
     "max_pixels": "refuse files with more pixels than this (height x width, read from the "
@@ -82,14 +84,17 @@ HELP = {
     "large sets) or lac (score 1 - p(class): smaller sets for weak binary models)",
     "data_dir": "folder of the MedMNIST file (default: where the run found it, or MEDLITE_DATA_DIR)",
     "show_traceback": "print the full traceback of medlite's errors",
-    "formats": "subset of [onnx_fp32,onnx_int8,torch_export]",
+    "formats": "all (every format whose runtime is installed) or a subset of [onnx_fp32,"
+    "onnx_int8,openvino_fp32,openvino_int8,torch_export]",
     "fp32_tolerance": "max |logit diff| of fp32 formats, relative to max(1, largest |logit|)",
     "int8_max_drop": "largest drop of the task's monitored metric (test split) allowed for "
     "int8 (0.01 = one point of a 0-1 metric)",
     "calibration_batches": "training batches (no augmentation) that calibrate int8",
     "per_channel": "per-channel int8 weight scales",
     "opset": "ONNX opset (default: the exporter's)",
-    "runtimes": "subset of [pytorch,onnx_fp32,onnx_int8]",
+    "runtimes": "all (every installed runtime) or runtimes [pytorch,onnxruntime,openvino] and/or "
+    "formats [onnx_fp32,onnx_int8,openvino_fp32,openvino_int8]; eager PyTorch is always measured",
+    "precisions": "subset of [fp32,int8]: which precisions of the named runtimes",
     "threads": "CPU thread counts to measure at",
     "repeats": "timed batch-1 passes (median and p90 reported)",
     "warmup": "untimed passes first",
@@ -220,6 +225,8 @@ def predict_main(args: PredictCommand, console: Console) -> int:
     predictor = Predictor(
         args.run, runtime=args.runtime, max_pixels=args.max_pixels, coverage=args.coverage
     )
+    label = LABELS.get(predictor.runtime, predictor.runtime)
+    console.print(f"runtime: {label} ({predictor.runtime_reason})", highlight=False)
     if predictor.task.kind == "segmentation":
         return _segment_main(predictor, args, console)
     rows = predictor.predict(args.input)

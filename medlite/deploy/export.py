@@ -17,8 +17,10 @@ probabilities, and the parity checks compare those with the PyTorch model divide
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 import logging
+import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -31,6 +33,7 @@ from torch import nn
 
 from medlite.atomic import DiskFullError, atomic_path, copy_file
 from medlite.compress.base import RunContext
+from medlite.deploy import runtimes
 from medlite.deploy.model_card import (
     EXAMPLES_PNG,
     plot_roc,
@@ -38,7 +41,6 @@ from medlite.deploy.model_card import (
     write_model_card,
 )
 from medlite.deploy.onnx import (
-    OrtModel,
     export_onnx,
     model_metadata,
     onnx_exporter,
@@ -46,21 +48,19 @@ from medlite.deploy.onnx import (
     write_metadata,
 )
 from medlite.deploy.run_dir import TrainedRun
-from medlite.efficiency import count_macs, count_parameters
+from medlite.efficiency import count_macs, count_parameters, interleaved_latency_ms
 from medlite.errors import ConfigError, MedliteError
 from medlite.results import package_versions, write_json
 from medlite.tasks import calibration
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx_fp32", "onnx_int8", "torch_export")
+#: every format export can write (see medlite/deploy/runtimes.py); ``all`` in
+#: ``formats`` means each of them whose runtime is installed here
+FORMATS = tuple(runtimes.FORMATS)
 #: test images drawn with their masks for the model card of a segmentation run
 EXAMPLES_N = 4
-FILE_NAMES = {
-    "onnx_fp32": "model.onnx",
-    "onnx_int8": "model_int8.onnx",
-    "torch_export": "model.pt2",
-}
+FILE_NAMES = {name: fmt.file for name, fmt in runtimes.FORMATS.items()}
 
 
 class ExportError(MedliteError):
@@ -71,8 +71,9 @@ class ExportError(MedliteError):
 class ExportSettings:
     """What to export and how strict the checks are (``conf/export/*.yaml`` has the same keys)."""
 
-    #: any of onnx_fp32, onnx_int8, torch_export
-    formats: list[str] = field(default_factory=lambda: list(FORMATS))
+    #: any of onnx_fp32, onnx_int8, openvino_fp32, openvino_int8, torch_export; ``all``: every
+    #: format whose runtime is installed (the others are skipped, with the reason recorded)
+    formats: list[str] = field(default_factory=lambda: ["all"])
     #: fp32 formats: max |logit diff| allowed, relative to max(1, largest |logit|)
     fp32_tolerance: float = 1e-3
     #: int8: largest drop of the task's monitored metric, on the test split, against PyTorch
@@ -85,13 +86,28 @@ class ExportSettings:
     opset: int | None = None
 
     def __post_init__(self) -> None:
-        unknown = [f for f in self.formats if f not in FORMATS]
+        unknown = [f for f in self.formats if f not in (*FORMATS, "all")]
         if unknown or not self.formats:
             raise ConfigError(
-                f"export formats must be a non-empty subset of {FORMATS}, got {self.formats}"
+                f"export formats must be a non-empty subset of {FORMATS} (or all), got "
+                f"{self.formats}"
             )
+        for fmt in self.formats:  # named explicitly: its runtime must be here, before training
+            if fmt != "all":
+                runtimes.require(fmt)
         if self.fp32_tolerance <= 0 or self.int8_max_drop < 0:
             raise ConfigError("export tolerances must be positive")
+
+    def resolved(self) -> tuple[list[str], dict[str, str]]:
+        """The formats to write, in dependency order (ONNX before the OpenVINO files converted
+        from it), and the formats ``all`` skipped, each with why."""
+        wanted = set(FORMATS) if "all" in self.formats else set(self.formats)
+        skipped = {
+            f: runtimes.install_hint(f)
+            for f in FORMATS
+            if f in wanted and f not in self.formats and not runtimes.installed(f)
+        }
+        return [f for f in FORMATS if f in wanted and f not in skipped], skipped
 
 
 def settings_from_config(node) -> ExportSettings | None:
@@ -261,6 +277,70 @@ def _segmentation_examples(
     return plot_segmentation_examples(images, truths, preds, task.labels, titles, path)
 
 
+class _Writer:
+    """Writes one format at a time; an OpenVINO file is converted from the ONNX file this export
+    just wrote, or from one made for it in ``scratch`` when that format was not asked for."""
+
+    def __init__(self, run, raw, model, dm, example, settings, metadata, temperature) -> None:
+        self.run, self.raw, self.model, self.dm = run, raw, model, dm
+        self.example, self.settings = example, settings
+        self.metadata, self.temperature = metadata, temperature
+        self.made: dict[str, Path] = {}  # formats written and loaded in this export
+        self.scratch = Path(tempfile.gettempdir())
+        self.program: nn.Module | None = None
+
+    def write(self, fmt: str, path: Path) -> dict:
+        """Write ``fmt`` to ``path``; returns what export.json records about how."""
+        if fmt == "onnx_fp32":
+            export_onnx(
+                self.model, self.example, path, opset=self.settings.opset, metadata=self.metadata
+            )
+            return {"exporter": onnx_exporter(path), "opset": onnx_opset(path)}
+        if fmt == "onnx_int8":
+            if self.run.int8_onnx is not None:
+                entry = _int8_from_recipe(self.run, path)
+            else:
+                entry = _int8_by_ptq(self.run, self.raw, self.dm, self.settings, path)
+            if self.temperature is not None:
+                _divide_onnx_logits(path, self.temperature)
+            write_metadata(path, self.metadata)  # the int8 file explains itself too
+            return entry | {"opset": onnx_opset(path)}
+        if fmt == "openvino_fp32":
+            from medlite.deploy import openvino_runtime as openvino
+
+            openvino.convert_onnx(self._source("onnx_fp32"), path, self.metadata)
+            return {"source": "converted from the ONNX fp32 file"} | openvino.versions()
+        if fmt == "openvino_int8":
+            from medlite.deploy import openvino_runtime as openvino
+
+            if self.run.int8_onnx is not None:  # OpenVINO runs a QDQ file as int8 itself
+                openvino.convert_onnx(self._source("onnx_int8"), path, self.metadata)
+                steps = " -> ".join(self.run.results["compress"]["steps"])
+                entry = {"source": f"the run's compression recipe ({steps}), converted"}
+            else:
+                loader = self.dm.calibration_dataloader()
+                batches = [
+                    x for x, _ in itertools.islice(loader, self.settings.calibration_batches)
+                ]
+                transformer = self.run.results["model"].get("paradigm") == "transformer"
+                entry = openvino.quantize(
+                    self._source("openvino_fp32"), batches, path,
+                    transformer=transformer, metadata=self.metadata,
+                )  # fmt: skip
+            return entry | openvino.versions()
+        self.program = _torch_export(self.model, self.example, path)
+        return {}
+
+    def _source(self, fmt: str) -> Path:
+        """The file of ``fmt`` written by this export, else a scratch copy made now."""
+        if fmt in self.made:
+            return self.made[fmt]
+        path = self.scratch / FILE_NAMES[fmt]
+        if not path.is_file():
+            self.write(fmt, path)
+        return path
+
+
 def export_run(
     run: TrainedRun | str | Path,
     settings: ExportSettings | None = None,
@@ -290,44 +370,44 @@ def export_run(
     params = count_parameters(model)
 
     formats: dict[str, dict] = {}
-    runtimes: dict[str, nn.Module] = {"pytorch": model}
+    models: dict[str, nn.Module] = {"pytorch": model}
     metadata = model_metadata(run.data["preprocess"], task.record())
     if temperature is not None:  # predict.py reads it: T is in the graph, not to apply again
         metadata[calibration.ONNX_KEY] = json.dumps(calibration.temperature_list(temperature))
-    for fmt in settings.formats:
-        path = out / FILE_NAMES[fmt]
-        path.unlink(missing_ok=True)
-        entry: dict = {"path": str(path.relative_to(run.path))}  # moves with the run
-        log.info("exporting %s as %s", run.name, fmt)
-        try:
-            if fmt == "onnx_fp32":
-                export_onnx(model, example, path, opset=settings.opset, metadata=metadata)
-                entry["exporter"] = onnx_exporter(path)
-                entry["opset"] = onnx_opset(path)
-                runtimes[fmt] = OrtModel(path, params=params, macs=macs)
-            elif fmt == "onnx_int8":
-                if run.int8_onnx is not None:
-                    entry |= _int8_from_recipe(run, path)
+    wanted, skipped = settings.resolved()
+    for fmt, why in skipped.items():
+        log.info("export: %s skipped (%s)", fmt, why)
+    writer = _Writer(run, raw, model, dm, example, settings, metadata, temperature)
+    with tempfile.TemporaryDirectory(prefix="medlite_export_") as scratch:
+        writer.scratch = Path(scratch)
+        for fmt in wanted:
+            path = out / FILE_NAMES[fmt]
+            files = runtimes.files_of(fmt, out)
+            for f in files:
+                f.unlink(missing_ok=True)
+            entry: dict = {"path": str(path.relative_to(run.path))}  # moves with the run
+            entry |= {"runtime": runtimes.FORMATS[fmt].runtime}
+            entry |= {"precision": runtimes.FORMATS[fmt].precision}
+            log.info("exporting %s as %s", run.name, fmt)
+            try:
+                entry |= writer.write(fmt, path)
+                if fmt == "torch_export":
+                    models[fmt] = writer.program
                 else:
-                    entry |= _int8_by_ptq(run, raw, dm, settings, path)
-                if temperature is not None:
-                    _divide_onnx_logits(path, temperature)
-                write_metadata(path, metadata)  # the int8 file explains itself too
-                entry["opset"] = onnx_opset(path)
-                runtimes[fmt] = OrtModel(path, params=params, macs=macs)
+                    models[fmt] = runtimes.load(fmt, path, params=params, macs=macs)
+            except DiskFullError:
+                raise  # one clear message, not a failed format among others
+            except Exception as err:  # noqa: BLE001 - recorded, then raised with the others
+                for f in files:
+                    f.unlink(missing_ok=True)
+                entry["error"] = f"{type(err).__name__}: {err}"
+                log.error("%s export of %s failed: %s", fmt, run.name, entry["error"])
             else:
-                runtimes[fmt] = _torch_export(model, example, path)
-        except DiskFullError:
-            raise  # one clear message, not a failed format among others
-        except Exception as err:  # noqa: BLE001 - recorded, then raised with the others
-            path.unlink(missing_ok=True)
-            entry["error"] = f"{type(err).__name__}: {err}"
-            log.error("%s export of %s failed: %s", fmt, run.name, entry["error"])
-        else:
-            entry["size_mb"] = round(path.stat().st_size / 2**20, 4)
-        formats[fmt] = entry
+                entry["size_mb"] = round(runtimes.size_mb(fmt, out), 4)
+                writer.made[fmt] = path
+            formats[fmt] = entry
 
-    labels, outputs, diffs = _run_all(runtimes, dm, task)
+    labels, outputs, diffs = _run_all(models, dm, task)
     reference = task.metrics(labels, outputs["pytorch"])
     problems = []
     for fmt, entry in formats.items():
@@ -336,12 +416,12 @@ def export_run(
             continue
         entry["test"] = task.metrics(labels, outputs[fmt])
         entry["parity"] = _parity(outputs["pytorch"], outputs[fmt], diffs[fmt], task)
-        if fmt == "onnx_int8":
+        if runtimes.FORMATS[fmt].precision == "int8":
             entry["parity"] |= _metric_drop(reference, entry["test"], task, settings)
             if not entry["parity"]["ok"]:
                 name = task.title(task.monitor_metric)
                 problems.append(
-                    f"onnx_int8: test {name} {entry['test'][task.monitor_metric]:.4f} is "
+                    f"{fmt}: test {name} {entry['test'][task.monitor_metric]:.4f} is "
                     f"{entry['parity']['drop']:.4f} worse than PyTorch "
                     f"({reference[task.monitor_metric]:.4f}), more than export.int8_max_drop="
                     f"{settings.int8_max_drop}; try compress=qat, more calibration_batches, "
@@ -358,6 +438,12 @@ def export_run(
                 )
 
     formats = _previous_formats(out, formats) | formats
+    formats = {f: formats[f] for f in FORMATS if f in formats}
+    try:
+        latency = _deployed_latency(run, models, formats, example[:1], params, macs)
+    except Exception as err:  # noqa: BLE001 - the checks matter more than the timing
+        log.warning("deployed latency not measured: %s", err)
+        latency = None
     record = {
         "run_dir": str(run.path),
         "model": run.results["model"],
@@ -372,6 +458,8 @@ def export_run(
             "test": reference,
         },
         "formats": formats,
+        "skipped": skipped,
+        "latency": latency,
         "calibration": None
         if temperature is None
         else {
@@ -399,6 +487,8 @@ def export_run(
         except Exception as err:  # noqa: BLE001 - the numbers matter more than the picture
             log.warning("could not draw the segmentation examples: %s", err)
     write_json(out / "export.json", record)
+    if latency is not None:
+        _record_deployed_latency(run, latency)
     write_model_card(run)
     if problems:
         raise ExportError(
@@ -406,6 +496,68 @@ def export_run(
             + "\n  ".join(problems)
         )
     return record
+
+
+def _deployed_latency(
+    run: TrainedRun,
+    models: dict[str, nn.Module],
+    formats: dict[str, dict],
+    example: torch.Tensor,
+    params: int,
+    macs: int | None,
+) -> dict:
+    """Eager PyTorch and every exported runtime that passed its checks (those of earlier exports
+    too), timed in turns in this process at the run's profile thread count: the fastest one is
+    the run's deployed latency, what a comparison of models on this machine should rank by."""
+    timed = {"pytorch": models["pytorch"]}
+    for fmt in runtimes.DEPLOYABLE:  # table order
+        entry = formats.get(fmt) or {}
+        if not (entry.get("parity") or {}).get("ok"):
+            continue
+        timed[fmt] = models.get(fmt) or runtimes.load(
+            fmt, run.path / entry["path"], params=params, macs=macs
+        )
+    eff = run.results.get("efficiency") or {}
+    prof = run.cfg.get("profile") or {}
+    threads = int(eff.get("threads") or prof.get("threads") or torch.get_num_threads())
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        times = interleaved_latency_ms(
+            timed,
+            example,
+            warmup=int(prof.get("warmup") or 5),
+            repeats=max(10, int(prof.get("repeats") or 30)),
+        )
+    finally:
+        torch.set_num_threads(old)
+    median = {name: round(statistics.median(t), 4) for name, t in times.items()}
+    fastest = min(median, key=median.get)
+    log.info(
+        "batch-1 latency, %d thread(s): %s; deployed: %s",
+        threads,
+        ", ".join(f"{runtimes.LABELS[k]} {v:.3f} ms" for k, v in median.items()),
+        runtimes.LABELS[fastest],
+    )
+    return {"threads": threads, "median_ms": median, "fastest": fastest}
+
+
+def _record_deployed_latency(run: TrainedRun, latency: dict) -> None:
+    """results.json's efficiency profile gains the deployed latency beside the eager one."""
+    path = run.path / "results.json"
+    results = json.loads(path.read_text())
+    eff = results.get("efficiency") or {}
+    median = latency["median_ms"]
+    eff.update(
+        eager_latency_ms=median["pytorch"],
+        deployed_latency_ms=median[latency["fastest"]],
+        deployed_runtime=latency["fastest"],
+        deployed=median,
+        deployed_threads=latency["threads"],
+    )
+    results["efficiency"] = eff
+    write_json(path, results)
+    run.results["efficiency"] = eff
 
 
 def _previous_formats(out: Path, now: dict[str, dict]) -> dict[str, dict]:

@@ -49,6 +49,18 @@ def _child(runtime: str, target: str, shape: list[int], batch: int, threads: int
             with torch.inference_mode():
                 model(torch.zeros(n, *shape))
 
+    elif runtime.startswith("openvino"):  # OpenVINO alone, no PyTorch, as on an edge box
+        sys.modules["openvino_telemetry"] = None  # as in openvino_runtime.py: nothing is sent
+        import openvino as ov
+
+        after_import = _status_mb("VmRSS")
+        config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
+        request = ov.Core().compile_model(target, "CPU", config).create_infer_request()
+        loaded = _status_mb("VmRSS")
+
+        def run(n: int) -> None:
+            request.infer({0: np.zeros((n, *shape), dtype=np.float32)})
+
     else:
         import onnxruntime as ort
 
@@ -110,6 +122,7 @@ def measure_memory(
 
 
 if __name__ == "__main__":
+    sys.path.pop(0)  # this file's folder: its openvino_runtime.py/onnx.py must not shadow packages
     rt, tgt, shp, bs, th = sys.argv[1:6]
     result = _child(rt, tgt, [int(s) for s in shp.split(",")], int(bs), int(th))
     print(json.dumps(result))

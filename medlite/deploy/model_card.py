@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from medlite.atomic import atomic_path, write_text
+from medlite.deploy import runtimes
 from medlite.deploy.run_dir import TrainedRun
 from medlite.results import (
     headline_metrics,
@@ -41,12 +42,7 @@ EXAMPLES_PNG = "examples.png"
 _INPUT_KEYS = ("shape", "input_size", "fit", "mean", "std", "as_rgb", "spatial_dims", "load_size")
 #: what the card keeps of the run's task record (its type and labels are listed separately)
 _TASK_KEYS = ("kind", "metrics", "titles", "headline", "monitor", "mode")
-_RUNTIME_LABELS = {
-    "pytorch": "PyTorch eager",
-    "onnx_fp32": "ONNX Runtime fp32",
-    "onnx_int8": "ONNX Runtime int8",
-    "torch_export": "torch.export program",
-}
+_RUNTIME_LABELS = runtimes.LABELS
 
 
 def _read(path: Path) -> dict | None:
@@ -216,6 +212,13 @@ def build_card(run: TrainedRun) -> dict:
     card["input"]["onnx_opset"] = _onnx_opset(run, export)
     if bench:
         card["efficiency"] = {"machine": bench["machine"], "rows": bench["rows"]}
+    if export and export.get("latency"):  # what runtime=auto runs, and the deployed latency
+        card["deployment"] = export["latency"]
+    if export or bench:
+        from medlite.deploy.auto import choose_runtime
+
+        fmt, why = choose_runtime(run, int((export or {}).get("latency", {}).get("threads") or 1))
+        card["auto_runtime"] = {"format": fmt, "why": why}
     plots = {
         name: f"{run.export_dir.name}/{f}"  # relative to the run folder
         for name, f in (
@@ -406,16 +409,36 @@ def render_markdown(card: dict, base: Path) -> str:
             "",
             f"## Efficiency on {eff['machine']['cpu']} ({eff['machine']['logical_cpus']} logical CPUs)",
             "",
-            "| runtime | threads | latency ms (median) | p90 | throughput img/s | peak MB | size MB | vs eager |",
-            "|---|---|---|---|---|---|---|---|",
+            "| runtime | threads | latency ms (median) | p90 | throughput img/s | peak MB | size MB | vs eager | % of peak |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in eff["rows"]:
+            fmt = r.get("format", r["runtime"])
+            frac = r.get("peak_fraction")
             lines.append(
-                f"| {_RUNTIME_LABELS.get(r['runtime'], r['runtime'])} | {r['threads']} | "
+                f"| {_RUNTIME_LABELS.get(fmt, fmt)} | {r['threads']} | "
                 f"{_fmt(r['latency_ms'])} | {_fmt(r['latency_p90_ms'])} | {_fmt(r['throughput_ips'], 0)} | "
                 f"{_fmt(r['peak_memory_mb'], 1)} | {_fmt(r['size_mb'], 2)} | "
-                f"{_fmt(r.get('speedup_vs_pytorch'), 2)}x |"
+                f"{_fmt(r.get('speedup_vs_pytorch'), 2)}x | {_fmt(None if frac is None else 100 * frac, 1)} |"
             )
+    if card.get("deployment"):
+        dep = card["deployment"]
+        times = ", ".join(
+            f"{_RUNTIME_LABELS.get(k, k)} {_fmt(v)}" for k, v in dep["median_ms"].items()
+        )
+        lines += [
+            "",
+            f"Batch-1 latency measured by the export, runtimes in turns, {dep['threads']} "
+            f"thread(s), ms: {times}; deployed latency = the fastest that passed its checks, "
+            f"{_RUNTIME_LABELS.get(dep['fastest'], dep['fastest'])}.",
+        ]
+    if card.get("auto_runtime"):
+        auto = card["auto_runtime"]
+        lines += [
+            "",
+            f"`predict.py runtime=auto` runs **{_RUNTIME_LABELS.get(auto['format'], auto['format'])}**: "
+            f"{auto['why']}.",
+        ]
     if card["compression"]["stages"]:
         lines += ["", *_stages_table(card["compression"]["stages"], t)]
     for name, path in (card.get("plots") or {}).items():

@@ -203,11 +203,16 @@ def read_metadata(path: str | os.PathLike) -> dict:
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    props: dict = {p.key: p.value for p in proto.metadata_props}
+    return decode_metadata({p.key: p.value for p in proto.metadata_props})
+
+
+def decode_metadata(props: dict[str, str]) -> dict:
+    """medlite's JSON-valued keys decoded, the others as they are (strings)."""
+    out: dict = dict(props)
     for key in (META_PREPROCESS, META_LABELS, META_TASK):
-        if key in props:
-            props[key] = json.loads(props[key])
-    return props
+        if key in out:
+            out[key] = json.loads(out[key])
+    return out
 
 
 def onnx_opset(path: str | os.PathLike) -> int | None:

@@ -49,15 +49,17 @@ from medlite.data.readers import (
     read_image,
 )
 from medlite.deploy import masks as seg
+from medlite.deploy import runtimes
+from medlite.deploy.auto import choose_runtime
 from medlite.deploy.export import FILE_NAMES
-from medlite.deploy.onnx import META_PREPROCESS, OrtModel, model_metadata, read_metadata
+from medlite.deploy.onnx import META_PREPROCESS, model_metadata
 from medlite.deploy.run_dir import TrainedRun
 from medlite.errors import ConfigError
 from medlite.tasks import calibration, conformal
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "pytorch", "onnx_fp32", "onnx_int8")
+RUNTIMES = ("auto", runtimes.PYTORCH, *runtimes.DEPLOYABLE)
 
 
 @dataclass
@@ -101,6 +103,7 @@ class Predictor:
             raise ConfigError(f"max_pixels must be a positive number of pixels, got {max_pixels}")
         #: files whose header declares more pixels are refused before decoding (an error row)
         self.max_pixels = max_pixels
+        self.runtime_reason = "asked for"
         self.runtime = self._choose(runtime)
         self.model = self._load(self.runtime)
         self.task = self.run.task
@@ -130,40 +133,37 @@ class Predictor:
         return record
 
     def _choose(self, runtime: str) -> str:
-        """``auto``: the int8 file when the export passed its checks, else fp32 ONNX, else PyTorch."""
+        """``auto``: the fastest runtime that passed its checks here (:mod:`medlite.deploy.auto`)."""
         if runtime != "auto":
+            if runtime != runtimes.PYTORCH:
+                runtimes.require(runtime)
             return runtime
-        export = self.run.export_dir / "export.json"
-        passed = False
-        if export.is_file():
-            try:
-                passed = json.loads(export.read_text()).get("status") == "ok"
-            except (OSError, ValueError):
-                passed = False
-        for fmt in ("onnx_int8", "onnx_fp32"):
-            if passed and (self.run.export_dir / FILE_NAMES[fmt]).is_file():
-                return fmt
-        return "pytorch"
+        chosen, why = choose_runtime(self.run, torch.get_num_threads())
+        log.debug("runtime=auto: %s (%s)", runtimes.LABELS[chosen], why)
+        self.runtime_reason = why
+        return chosen
 
     def _load(self, runtime: str) -> nn.Module:
-        if runtime == "pytorch":
+        if runtime == runtimes.PYTORCH:
             return calibration.scaled(self.run.torch_model(), self.run.results)
         path = self.run.export_dir / FILE_NAMES[runtime]
         if not path.is_file():
             raise ConfigError(
                 f"runtime={runtime} needs {path}; export it first: "
-                f"python scripts/export.py run={self.run.path}"
+                f"python scripts/export.py run={self.run.path} formats=[{runtime}]"
             )
-        self._check_metadata(path)
-        if calibration.ONNX_KEY in read_metadata(path):  # exported with T in its graph
-            return OrtModel(path)
-        return calibration.scaled(OrtModel(path), self.run.results)  # an older export
+        stated = runtimes.read_metadata(runtime, path)
+        self._check_metadata(path, stated)
+        model = runtimes.load(runtime, path)
+        if calibration.ONNX_KEY in stated:  # exported with T in its graph
+            return model
+        return calibration.scaled(model, self.run.results)  # an older export
 
-    def _check_metadata(self, path: Path) -> None:
+    def _check_metadata(self, path: Path, metadata: dict) -> None:
         """An ONNX file states the preprocessing it was exported with: refuse one that disagrees
         with the run's (a file copied from another run), rather than predict with the wrong
         size or normalisation. Files exported before medlite wrote metadata pass."""
-        stated = read_metadata(path).get(META_PREPROCESS)
+        stated = metadata.get(META_PREPROCESS)
         if not stated:
             return
         spec = self.run.data["preprocess"]

@@ -12,6 +12,11 @@ on the task's primary metric (the first of its headline). A sweep holds one task
 measured robustness (``eval.robustness=true``) add two more test metrics of the primary one:
 ``corrupted_<metric>`` (mean over every corruption x severity) and ``relative_<metric>`` (that
 over clean). Any metric, ECE or corrupted AUC included, can be the fronts' axis instead.
+
+Latency (``latency_ms``: tables, fronts, budgets, the plot) is the *deployed* one by default: for
+a run that was exported with parity checks, the batch-1 latency of its fastest runtime that passed
+them (``efficiency.deployed_latency_ms``, on ``efficiency.deployed_runtime``); for a run that was
+not, its eager PyTorch profile. ``collect(..., latency="eager")`` ranks on eager PyTorch for all.
 """
 
 from __future__ import annotations
@@ -35,6 +40,18 @@ log = logging.getLogger(__name__)
 
 #: cost columns (from the run's efficiency profile; latency at batch 1 on CPU)
 COSTS = ("params", "macs", "size_mb", "latency_ms", "throughput_ips")
+#: which batch-1 latency ``latency_ms`` is (:func:`collect`), and how tables and plots say so
+LATENCIES = {
+    "deployed": "deployed latency (fastest exported runtime that passed parity; eager where a run "
+    "was not exported)",
+    "eager": "eager PyTorch latency",
+}
+#: the runtime of an eager latency (``latency_runtime``)
+EAGER_RUNTIME = "pytorch"
+#: what a latency was chosen from, next to ``latency_ms`` in the tables: the runtime it ran on
+#: (text), the eager profile and the deployed latency (None for a run that was not exported)
+LATENCY_DETAIL = ("latency_runtime", "eager_latency_ms", "deployed_latency_ms")
+_AXIS_LABELS = {"deployed": "deployed", "eager": "eager PyTorch"}
 #: one group = one configuration trained with several seeds
 GROUP_KEYS = ("paradigm", "model", "compress", "data", "size")
 
@@ -121,7 +138,7 @@ def record_fields(metric_names: Sequence[str]) -> tuple[str, ...]:
         "status",
         "error",
         *(SweepMetrics.column(m) for m in metric_names),
-        *COSTS,
+        *(k for c in COSTS for k in ((c, *LATENCY_DETAIL) if c == "latency_ms" else (c,))),
         "wall_time_s",
         "run_dir",
     )
@@ -136,8 +153,11 @@ def summary_fields(metric_names: Sequence[str]) -> tuple[str, ...]:
         "n_failed",
         "seeds",
         *(k for col in columns for k in (col, f"{col}_std")),
-        *COSTS,
-        "latency_ms_std",
+        *(
+            k
+            for c in COSTS
+            for k in ((c, f"{c}_std", *LATENCY_DETAIL) if c == "latency_ms" else (c,))
+        ),
         "pareto_latency",
         "pareto_params",
     )
@@ -192,9 +212,50 @@ def _dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _record(file: Path, root: Path, res: dict) -> dict:
+def check_latency(latency: str) -> str:
+    """``latency`` if it is one of :data:`LATENCIES`, else ConfigError naming them."""
+    if latency not in LATENCIES:
+        raise ConfigError(
+            f"latency must be one of {', '.join(LATENCIES)} (deployed: the fastest exported "
+            f"runtime that passed parity, eager where a run was not exported), got {latency!r}"
+        )
+    return latency
+
+
+def latency_mode(rows: Iterable[dict]) -> str:
+    """Which latency ``rows`` (records or summary rows) carry as ``latency_ms``: as
+    :func:`collect` chose it (``latency_mode``), deployed for rows that don't say. ConfigError
+    for rows collected with different ones."""
+    modes = {r["latency_mode"] for r in rows if r.get("latency_mode") in LATENCIES}
+    if len(modes) > 1:
+        raise ConfigError(
+            f"these rows mix latencies ({', '.join(sorted(modes))}); collect them with one"
+        )
+    return modes.pop() if modes else "deployed"
+
+
+def latency_note(rows: Iterable[dict]) -> str:
+    """How tables explain the latency of ``rows``, e.g. ``eager PyTorch latency``."""
+    return LATENCIES[latency_mode(rows)]
+
+
+def _latency_columns(eff: dict, latency: str) -> dict[str, Any]:
+    """``latency_ms`` (the deployed latency for ``latency="deployed"`` and a run export
+    measured one, else the eager profile), the runtime it ran on, and both latencies."""
+    eager, deployed = _num(eff.get("latency_ms")), _num(eff.get("deployed_latency_ms"))
+    row = {"eager_latency_ms": eager, "deployed_latency_ms": deployed, "latency_mode": latency}
+    if latency == "deployed" and deployed is not None:
+        runtime = eff.get("deployed_runtime")
+        row.update(latency_ms=deployed, latency_runtime=str(runtime) if runtime else "unknown")
+    else:
+        row.update(latency_ms=eager, latency_runtime=EAGER_RUNTIME if eager is not None else None)
+    return row
+
+
+def _record(file: Path, root: Path, res: dict, latency: str = "deployed") -> dict:
     """One flat row per job: ``test_<metric>`` for each metric of its task, the cost of the final
-    (possibly compressed) model where profiled, and the task record itself under ``task`` (not a
+    (possibly compressed) model where profiled, with ``latency_ms`` the ``latency`` of
+    :func:`collect` (:func:`_latency_columns`), and the task record itself under ``task`` (not a
     CSV column). A job that failed before its task was known has no task and no metrics."""
     from medlite.tasks import task_record
 
@@ -223,6 +284,7 @@ def _record(file: Path, root: Path, res: dict) -> dict:
         rec.update({SweepMetrics.column(m): _num(test.get(m)) for m in task.get("metrics") or ()})
         rec.update(_robustness_columns(res.get("robustness")))  # eval.robustness=true
     rec.update({k: _num(eff.get(k)) for k in COSTS})
+    rec.update(_latency_columns(eff, latency))
     stages = _dict(res.get("compression")).get("stages")
     if task is not None and isinstance(stages, list):  # not a CSV column, like task
         rec["stages"] = [_stage_record(s, task) for s in stages if isinstance(s, dict)]
@@ -257,9 +319,17 @@ def _stage_record(stage: dict, task: dict) -> dict:
     return row
 
 
-def collect(sweep_dir: str | Path) -> list[dict]:
+def collect(sweep_dir: str | Path, latency: str = "deployed") -> list[dict]:
     """One record per ``results.json`` below ``sweep_dir`` (a sweep, a run, or a parent of
-    several). Unreadable files are logged and skipped so one crashed job never hides the rest."""
+    several). Unreadable files are logged and skipped so one crashed job never hides the rest.
+
+    ``latency``: which batch-1 latency is ``latency_ms`` (what tables show, fronts and budgets
+    use): ``deployed``, the fastest exported runtime that passed its parity checks where the run
+    was exported, its eager PyTorch profile where not; ``eager``, the eager profile always. Each
+    record also has both (``eager_latency_ms``, ``deployed_latency_ms``: None where not exported)
+    and ``latency_runtime``, the runtime ``latency_ms`` ran on (``pytorch`` for eager).
+    Compression stages keep their own measured latency."""
+    check_latency(latency)
     root = Path(sweep_dir).expanduser()
     if not root.is_dir():
         raise ConfigError(f"{root} is not a directory; pass a sweep directory")
@@ -273,7 +343,7 @@ def collect(sweep_dir: str | Path) -> list[dict]:
         if not isinstance(res, dict) or "status" not in res:
             log.warning("skipping %s: not a medlite results.json (no status)", file)
             continue
-        records.append(_record(file, root, res))
+        records.append(_record(file, root, res, latency))
     if not records:
         raise ConfigError(
             f"no readable results.json under {root}: pass a sweep directory "
@@ -320,10 +390,12 @@ def summarise(
 ) -> list[dict]:
     """Per configuration: n successful seeds, failed jobs, mean ± std of test metrics, mean
     cost, and membership of the Pareto fronts of the primary metric (or of ``axis``, e.g.
-    ``ece``) against latency and against params (per dataset). ``metrics``: default, from the
-    records' task records."""
+    ``ece``) against latency (``latency_ms``, as :func:`collect` chose it) and against params
+    (per dataset). ``latency_runtime``: the runtime(s) of the seeds' latencies, distinct ones
+    joined with ``/``. ``metrics``: default, from the records' task records."""
     metrics = metrics or sweep_metrics(records)
     scoring = metrics.axis(axis)
+    latency = latency_mode(records)
     groups: dict[tuple, list[dict]] = {}
     for rec in records:
         groups.setdefault(group_key(rec), []).append(rec)
@@ -347,6 +419,11 @@ def summarise(
             row[c] = round(mean) if mean is not None and c in ("params", "macs") else mean
             if c == "latency_ms":
                 row["latency_ms_std"] = std
+        for c in ("eager_latency_ms", "deployed_latency_ms"):
+            row[c] = mean_std(r.get(c) for r in ok)[0]
+        runtimes = sorted({str(r["latency_runtime"]) for r in ok if r.get("latency_runtime")})
+        row["latency_runtime"] = "/".join(runtimes) or None
+        row["latency_mode"] = latency
         rows.append(row)
     rows.sort(key=_sort_key)
     for cost, flag in (("latency_ms", "pareto_latency"), ("params", "pareto_params")):
@@ -434,7 +511,8 @@ def _stages_markdown(rows: Sequence[dict], metrics: SweepMetrics) -> str:
         "",
         "Each stage of each recipe, test split: mean ± sample std over seeds (n runs). ECE after "
         "T: with the stage's own temperature, fitted on val. Corrupted: mean over every "
-        "corruption x severity (runs with eval.robustness=true). Latency: batch 1, CPU.",
+        "corruption x severity (runs with eval.robustness=true). Latency: batch 1, CPU, as each "
+        "stage measured it.",
     ]
     header = ["stage", "n", *(t for _, t in shown), "params", "size (MB)", "latency (ms)"]
     for key in dict.fromkeys(group_key(r) for r in rows):
@@ -463,8 +541,9 @@ _ALIASES = {
     "latency": "latency_ms",
     "throughput": "throughput_ips",
     "dataset": "data",
+    "runtime": "latency_runtime",
 }
-_TEXT_KEYS = ("paradigm", "model", "compress", "data")
+_TEXT_KEYS = ("paradigm", "model", "compress", "data", "latency_runtime")
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
     "<=": operator.le,
     ">=": operator.ge,
@@ -662,8 +741,9 @@ def _markdown(
         "# Sweep summary",
         "",
         f"{len(records)} job(s): {n_ok} succeeded, {len(records) - n_ok} failed. Test metrics: "
-        "mean ± sample std over seeds (n = successful seeds). Cost: the final model's profile "
-        "(latency at batch 1 on CPU, as measured on the machine that ran each job). "
+        "mean ± sample std over seeds (n = successful seeds). Cost: the final model's profile. "
+        f"Latency: batch 1 on CPU, {latency_note(summary)}, as measured on the machine that ran "
+        "each job; runtime: what it ran on. "
         f"Pareto: on the test-{primary}-vs-latency / -vs-params front of its dataset.",
     ]
     columns = [
@@ -678,6 +758,7 @@ def _markdown(
         "MACs",
         "size (MB)",
         "latency (ms)",
+        "runtime",
         "Pareto",
     ]
     header = "| " + " | ".join(columns) + " |"
@@ -696,6 +777,7 @@ def _markdown(
                 format_count(r["macs"]),
                 format_float(r["size_mb"]),
                 format_float(r["latency_ms"]),
+                r.get("latency_runtime"),
                 pareto_label(r),
             ]
             out.append("| " + " | ".join("–" if c is None else str(c) for c in cells) + " |")
@@ -756,10 +838,10 @@ _STYLE = {
 def plot_pareto(
     summary: Sequence[dict], out_png: str | Path, metrics: SweepMetrics | None = None
 ) -> Path | None:
-    """The primary test metric (``metrics.axis(name)`` for another) vs batch-1 latency (log when
-    it spans over 20x) and vs params (log): one marker/colour per paradigm, std over seeds as
-    error bars, each dataset's front as a staircase with its points circled. None if nothing to
-    draw."""
+    """The primary test metric (``metrics.axis(name)`` for another) vs batch-1 latency
+    (``latency_ms``, deployed or eager as collected and labelled so; log when it spans over 20x)
+    and vs params (log): one marker/colour per paradigm, std over seeds as error bars, each
+    dataset's front as a staircase with its points circled. None if nothing to draw."""
     from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
 
     metrics = metrics or sweep_metrics(summary)
@@ -771,7 +853,8 @@ def plot_pareto(
         return None
     fig = Figure(figsize=(13, 5.2), layout="constrained")
     axes = fig.subplots(1, 2)
-    panels = (("latency_ms", "CPU latency, batch 1 (ms)", False), ("params", "parameters", True))
+    latency = f"{_AXIS_LABELS[latency_mode(rows)]} CPU latency, batch 1 (ms)"
+    panels = (("latency_ms", latency, False), ("params", "parameters", True))
     datasets = sorted({(r["data"], r["size"]) for r in rows}, key=str)
     for ax, (cost, xlabel, log_x) in zip(axes, panels, strict=True):
         drawn = set()

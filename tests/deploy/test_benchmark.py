@@ -16,10 +16,13 @@ from medlite.errors import ConfigError
 def test_benchmark_measures_every_runtime_and_updates_the_card(exported_run: Path, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(exported_run, run_dir)
-    settings = BenchmarkSettings(threads=[1, 2], repeats=5, warmup=1, throughput_batch=8)
+    settings = BenchmarkSettings(
+        runtimes=["onnxruntime"], threads=[1, 2], repeats=5, warmup=1, throughput_batch=8
+    )
     rec = benchmark_run(run_dir, settings)
-    rows = {(r["runtime"], r["threads"]): r for r in rec["rows"]}
+    rows = {(r["format"], r["threads"]): r for r in rec["rows"]}
     assert set(rows) == {(rt, t) for rt in ("pytorch", "onnx_fp32", "onnx_int8") for t in (1, 2)}
+    assert {r["runtime"] for r in rec["rows"]} == {"pytorch", "onnxruntime"}
     for (_, t), r in rows.items():
         assert r["threads"] == t and 0 < r["latency_ms"] <= r["latency_p90_ms"]
         assert r["throughput_ips"] > 0

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from medlite.deploy import export as export_mod
+from medlite.deploy import onnx as onnx_mod
 from medlite.deploy.export import (
     ExportError,
     ExportSettings,
@@ -22,7 +23,7 @@ from medlite.deploy.onnx import OnnxExportError, OrtModel, export_onnx, onnx_wei
 from medlite.deploy.run_dir import TrainedRun
 from medlite.errors import ConfigError
 from medlite.tasks import BINARY, ORDINAL, ClassificationTask, calibration
-from tests.helpers import model_and_context
+from tests.helpers import installed_openvino, model_and_context
 
 
 def _export(run_dir: Path) -> dict:
@@ -37,7 +38,7 @@ def test_train_with_export_writes_checked_formats(exported_run: Path):
     # the reference pass is the trained model itself: same metrics as training's test
     assert rec["reference"]["test"]["auc"] == pytest.approx(results["test"]["auc"], abs=1e-6)
     fmts = rec["formats"]
-    assert set(fmts) == {"onnx_fp32", "onnx_int8", "torch_export"}
+    assert set(fmts) == {"onnx_fp32", "onnx_int8", "torch_export", *installed_openvino()}
     for name in ("onnx_fp32", "torch_export"):
         assert fmts[name]["parity"]["max_abs_diff"] < 1e-4
         assert fmts[name]["parity"]["label_agreement"] == 1.0
@@ -97,6 +98,7 @@ def test_model_card_is_complete(exported_run: Path):
         "onnx_fp32",
         "onnx_int8",
         "torch_export",
+        *installed_openvino(),
     }
     assert card["export"]["formats"]["onnx_int8"]["parity"]["ok"] is True
     assert card["versions"]["onnxruntime"] and card["versions"]["torch"]
@@ -123,7 +125,7 @@ def test_parity_failure_is_loud_and_keeps_the_record(exported_run: Path, tmp_pat
         def forward(self, x):
             return super().forward(x) + 0.05
 
-    monkeypatch.setattr(export_mod, "OrtModel", Drifting)
+    monkeypatch.setattr(onnx_mod, "OrtModel", Drifting)  # what runtimes.load opens
     with pytest.raises(ExportError, match="onnx_fp32: logits differ"):
         export_run(run_dir, ExportSettings(formats=["onnx_fp32"]))
     rec = _export(run_dir)
@@ -165,7 +167,7 @@ def test_int8_too_far_below_pytorch_fails_naming_the_metric(
         def forward(self, x):
             return -super().forward(x)
 
-    monkeypatch.setattr(export_mod, "OrtModel", Reversed)
+    monkeypatch.setattr(onnx_mod, "OrtModel", Reversed)
     task = TrainedRun.load(run_dir).task
     name = task.title(task.monitor_metric)
     with pytest.raises(ExportError, match=f"onnx_int8: test {name} .* worse than PyTorch"):

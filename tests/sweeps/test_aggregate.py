@@ -19,6 +19,7 @@ import pytest
 
 from medlite.errors import ConfigError
 from medlite.sweeps.aggregate import (
+    LATENCIES,
     collect,
     pareto_front,
     parse_constraint,
@@ -610,3 +611,218 @@ def test_script_puts_ece_on_the_pareto_axis(tmp_path: Path) -> None:
     assert (sweep / "aggregate" / "pareto.png").is_file()
     proc = _script(sweep, "--pareto-on", "fog")
     assert proc.returncode == 1 and "no test metric 'fog'" in proc.stderr
+
+
+# --------------------------------------------------------------------------- deployed latency
+
+#: model: (test AUC, params, eager profile latency ms, the export's measurement per seed or None
+#: when the run was not exported). Eager ranks litecnn < mobilenetv3 < resnet18 on latency, all on
+#: the AUC-vs-latency front; deployed (int8 runtimes) makes resnet18 faster than mobilenetv3,
+#: which drops off the front. mobilenetv3's seeds deploy on different runtimes.
+DEPLOY_CONFIGS = {
+    "litecnn": (0.85, 490_000, 1.2, None),
+    "mobilenetv3": (
+        0.88,
+        1_520_000,
+        3.2,
+        (
+            {"onnx_fp32": 2.3, "onnx_int8": 1.7, "openvino_fp32": 2.0, "openvino_int8": 1.8},
+            {"onnx_fp32": 2.2, "onnx_int8": 1.7, "openvino_fp32": 1.9, "openvino_int8": 1.6},
+        ),
+    ),
+    "resnet18": (
+        0.91,
+        11_200_000,
+        6.5,
+        (
+            {"onnx_fp32": 4.1, "onnx_int8": 1.9, "openvino_fp32": 3.0, "openvino_int8": 1.4},
+            {"onnx_fp32": 4.0, "onnx_int8": 1.8, "openvino_fp32": 3.1, "openvino_int8": 1.4},
+        ),
+    ),
+}
+
+
+def _efficiency(eager: float, deployed: dict[str, float] | None, params: int = 10_000) -> dict:
+    """An efficiency profile as results.json has it; with ``deployed``, what export adds: every
+    runtime that passed parity and eager PyTorch re-measured in the same process."""
+    eff = {
+        "params": params,
+        "macs": params * 40,
+        "size_mb": round(params * 4 / 2**20, 3),
+        "latency_ms": eager,
+        "latency_p90_ms": round(eager * 1.1, 4),
+        "throughput_ips": round(2000 / eager, 1),
+        "threads": 2,
+    }
+    if deployed is not None:
+        measured = {"pytorch": round(eager * 0.97, 4), **deployed}
+        fastest = min(measured, key=measured.get)
+        eff.update(
+            eager_latency_ms=measured["pytorch"],
+            deployed_latency_ms=measured[fastest],
+            deployed_runtime=fastest,
+            deployed=measured,
+            deployed_threads=2,
+        )
+    return eff
+
+
+def _deploy_sweep(root: Path) -> Path:
+    """Three models x two seeds on one dataset as results.json files, two of them exported."""
+    for i, (model, (auc, params, eager, deployed)) in enumerate(DEPLOY_CONFIGS.items()):
+        for seed in (0, 1):
+            res = {
+                "status": "ok",
+                "seed": seed,
+                "model": {"name": model, "arch": model, "paradigm": "cnn"},
+                "compress": {"name": "none"},
+                "data": {"name": "breastmnist", "size": 28},
+                "task": BINARY_TASK,
+                "test": {"auc": auc + 0.01 * seed, "acc": auc - 0.05},
+                "efficiency": _efficiency(eager + 0.1 * seed, deployed and deployed[seed], params),
+            }
+            job = root / f"{i}_{model}_seed{seed}"
+            job.mkdir(parents=True)
+            (job / "results.json").write_text(json.dumps(res))
+    return root
+
+
+def test_records_use_the_deployed_latency_by_default_and_eager_on_request(tmp_path: Path) -> None:
+    sweep = _deploy_sweep(tmp_path / "sweep")
+    for rec in collect(sweep):
+        eff = json.loads((sweep / rec["job"] / "results.json").read_text())["efficiency"]
+        assert rec["eager_latency_ms"] == eff["latency_ms"]  # the profile, not the re-measure
+        if rec["model"] == "litecnn":  # not exported: eager, and says so
+            assert rec["deployed_latency_ms"] is None
+            assert (rec["latency_ms"], rec["latency_runtime"]) == (eff["latency_ms"], "pytorch")
+        else:
+            assert rec["latency_ms"] == rec["deployed_latency_ms"] == eff["deployed_latency_ms"]
+            assert rec["latency_runtime"] == eff["deployed_runtime"]
+            assert rec["latency_ms"] == min(eff["deployed"].values()) < rec["eager_latency_ms"]
+    resnet = [r for r in collect(sweep) if r["model"] == "resnet18"]
+    assert {r["latency_runtime"] for r in resnet} == {"openvino_int8"}
+    for rec in collect(sweep, latency="eager"):
+        assert rec["latency_ms"] == rec["eager_latency_ms"] and rec["latency_runtime"] == "pytorch"
+        assert (rec["deployed_latency_ms"] is None) == (rec["model"] == "litecnn")  # still kept
+
+
+def test_invalid_latency_is_a_config_error(tmp_path: Path) -> None:
+    sweep = _deploy_sweep(tmp_path / "sweep")
+    with pytest.raises(ConfigError, match="latency must be one of deployed, eager.*'onnx'"):
+        collect(sweep, latency="onnx")
+    with pytest.raises(ConfigError, match="mix latencies"):
+        summarise([*collect(sweep), *collect(sweep, latency="eager")])
+
+
+def test_summary_runtime_fronts_and_budgets_follow_the_latency(tmp_path: Path) -> None:
+    sweep = _deploy_sweep(tmp_path / "sweep")
+    deployed = {g["model"]: g for g in summarise(collect(sweep))}
+    eager = {g["model"]: g for g in summarise(collect(sweep, latency="eager"))}
+    assert deployed["resnet18"]["latency_runtime"] == "openvino_int8"
+    assert deployed["mobilenetv3"]["latency_runtime"] == "onnx_int8/openvino_int8"  # per seed
+    assert deployed["litecnn"]["latency_runtime"] == "pytorch"
+    assert {g["latency_runtime"] for g in eager.values()} == {"pytorch"}
+    assert deployed["resnet18"]["latency_ms"] == pytest.approx(1.4)
+    assert deployed["mobilenetv3"]["latency_ms"] == pytest.approx(1.65)
+    assert deployed["mobilenetv3"]["eager_latency_ms"] == pytest.approx(3.25)
+    assert eager["resnet18"]["latency_ms"] == pytest.approx(6.55)
+    assert eager["resnet18"]["deployed_latency_ms"] == pytest.approx(1.4)
+    assert deployed["litecnn"]["deployed_latency_ms"] is None
+    # eager: each model buys accuracy with latency, all on the front; deployed: resnet18 is
+    # both faster and better than mobilenetv3
+    assert all(g["pareto_latency"] for g in eager.values())
+    on_front = {m for m, g in deployed.items() if g["pareto_latency"]}
+    assert on_front == {"litecnn", "resnet18"}
+    assert [g["pareto_params"] for g in deployed.values()] == [
+        g["pareto_params"] for g in eager.values()
+    ]
+    # a latency budget reads the same latency
+    assert select(list(deployed.values()), ["latency_ms<=2"])["best"]["model"] == "resnet18"
+    assert select(list(eager.values()), ["latency_ms<=2"])["best"]["model"] == "litecnn"
+    assert select(list(eager.values()), ["deployed_latency_ms<=2"])["best"]["model"] == "resnet18"
+    assert select(list(deployed.values()), ["runtime==pytorch"])["best"]["model"] == "litecnn"
+
+
+def test_tables_and_plot_say_which_latency(tmp_path: Path, monkeypatch) -> None:
+    from matplotlib.figure import Figure
+
+    labels = []
+    monkeypatch.setattr(
+        Figure, "savefig", lambda fig, path, **kw: labels.append(fig.axes[0].get_xlabel())
+    )
+    sweep = _deploy_sweep(tmp_path / "sweep")
+    for latency in ("deployed", "eager"):
+        records = collect(sweep, latency=latency)
+        summary = summarise(records)
+        paths = write_tables(summary, tmp_path / latency, records)
+        md = paths["summary.md"].read_text()
+        assert LATENCIES[latency] in md
+        assert "| latency (ms) | runtime | Pareto |" in md
+        resnet = next(line for line in md.splitlines() if line.startswith("| resnet18 |"))
+        runtime = "openvino_int8" if latency == "deployed" else "pytorch"
+        assert f"| {summary[-1]['latency_ms']:.2f} | {runtime} |" in resnet
+        with paths["summary.csv"].open() as f:
+            rows = {r["model"]: r for r in csv.DictReader(f)}
+        assert rows["mobilenetv3"]["latency_runtime"] == (
+            "onnx_int8/openvino_int8" if latency == "deployed" else "pytorch"
+        )
+        assert rows["litecnn"]["deployed_latency_ms"] == ""
+        with paths["aggregate.csv"].open() as f:
+            header = next(csv.reader(f))
+        i = header.index("latency_ms")
+        assert header[i : i + 4] == [
+            "latency_ms",
+            "latency_runtime",
+            "eager_latency_ms",
+            "deployed_latency_ms",
+        ]
+        plot_pareto(summary, tmp_path / latency / "pareto.png")
+    assert labels[0].startswith("deployed CPU latency") and "eager" not in labels[0]
+    assert labels[1].startswith("eager PyTorch CPU latency")
+    assert LATENCIES["deployed"].startswith("deployed latency (fastest exported runtime")
+    assert LATENCIES["eager"] == "eager PyTorch latency"
+
+
+def test_compression_stages_keep_their_own_latency(tmp_path: Path) -> None:
+    sweep = _trust_sweep(tmp_path / "sweep")
+    for file in sweep.glob("1_ptq_seed*/results.json"):  # the int8 recipe, exported
+        res = json.loads(file.read_text())
+        res["efficiency"] = _efficiency(0.5, {"onnx_int8": 0.3, "openvino_int8": 0.35})
+        file.write_text(json.dumps(res))
+    records = collect(sweep)
+    ptq = {g["compress"]: g for g in summarise(records)}["ptq"]
+    assert (ptq["latency_ms"], ptq["latency_runtime"]) == (pytest.approx(0.3), "onnx_int8")
+    stages = {r["stage"]: r["latency_ms"] for r in summarise_stages(records)}
+    assert stages == {"before": pytest.approx(3.0), "ptq": pytest.approx(0.5)}
+
+
+def test_script_ranks_on_deployed_latency_unless_told_eager(tmp_path: Path) -> None:
+    sweep = _deploy_sweep(tmp_path / "sweep")
+    proc = _script(sweep, "--select", "latency_ms<=2")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "selected for latency_ms<=2: resnet18/none" in text
+    assert "latency 1.40 ms (openvino_int8)" in text
+    assert "runtime" in text and "onnx_int8/openvino_int8" in text  # the printed table
+    assert " ".join(LATENCIES["deployed"].split()) in text  # its caption
+    md = (sweep / "aggregate" / "summary.md").read_text()
+    assert LATENCIES["deployed"] in md
+
+    proc = _script(sweep, "--latency", "eager", "--select", "latency_ms<=2")
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "selected for latency_ms<=2: litecnn/none" in text
+    assert "latency 1.25 ms (pytorch)" in text and "eager PyTorch latency" in text
+    assert "openvino_int8" not in text
+    assert LATENCIES["eager"] in (sweep / "aggregate" / "summary.md").read_text()
+
+
+def test_script_rejects_an_unknown_latency(tmp_path: Path) -> None:
+    sweep = _deploy_sweep(tmp_path / "sweep")
+    proc = _script(sweep, "--latency", "fastest")
+    assert proc.returncode == 2
+    assert "--latency: invalid choice: 'fastest'" in proc.stderr
+    assert "deployed" in proc.stderr and "eager" in proc.stderr
+    assert not (sweep / "aggregate").exists()
+    help_text = " ".join(_script("--help").stdout.split())
+    assert "--latency {deployed,eager}" in help_text and "parity" in help_text

@@ -1,0 +1,206 @@
+"""OpenVINO: Intel's CPU runtime (also fast on AMD x86), fp32 and int8.
+
+The fp32 model is converted from the run's exported ONNX file (so it is the same graph, with
+the temperature and metadata already in it); int8 is NNCF's post-training quantisation of that
+model, calibrated on training images like ONNX Runtime's, or the run's own QDQ int8 file, which
+OpenVINO runs as int8 directly (a QAT run keeps what it learned). An OpenVINO model is two
+files, ``<name>.xml`` (graph, with medlite's metadata in its ``rt_info``) and ``<name>.bin``
+(weights); both are written under temporary names and renamed, the weights first.
+
+Privacy: ``openvino`` and ``nncf`` ship usage telemetry (the ``openvino-telemetry`` package),
+which the model converter sends unless the user opted out. :func:`import_openvino` hides that
+package from the interpreter before either library is imported, so both fall back to their
+built-in no-op stubs: nothing is ever sent, whatever the machine's consent file says.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from medlite.atomic import DiskFullError
+
+#: rt_info section holding the same metadata keys as an ONNX file's metadata_props
+RT_SECTION = "medlite"
+TELEMETRY_PACKAGES = ("openvino_telemetry", "openvino_telemetry.backend")
+
+
+def block_telemetry() -> None:
+    """Make ``import openvino_telemetry`` fail, so openvino and nncf use their no-op stubs."""
+    for name in TELEMETRY_PACKAGES:
+        sys.modules[name] = None  # type: ignore[assignment]  # an import of it raises ImportError
+
+
+def import_openvino():
+    block_telemetry()
+    import openvino
+
+    return openvino
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("openvino", "nncf"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return {"versions": out}
+
+
+def _save(model, path: Path) -> None:
+    """``model`` as ``path`` (.xml) and its .bin, never a half-written pair under final names."""
+    ov = import_openvino()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".tmp_openvino_") as tmp:
+        staged = Path(tmp) / path.name
+        try:
+            ov.save_model(model, str(staged), compress_to_fp16=False)
+        except RuntimeError as err:
+            if "No space left" in str(err):
+                raise DiskFullError(f"disk full while writing {path} in {path.parent}") from err
+            raise
+        os.replace(staged.with_suffix(".bin"), path.with_suffix(".bin"))
+        os.replace(staged, path)
+
+
+def _set_metadata(model, metadata: dict[str, str]) -> None:
+    for key, value in metadata.items():
+        model.set_rt_info(str(value), [RT_SECTION, key])
+
+
+def _raw_metadata(model) -> dict[str, str]:
+    if not model.has_rt_info([RT_SECTION]):
+        return {}
+    section = model.get_rt_info([RT_SECTION]).astype(dict)
+    return {k: v.astype(str) if hasattr(v, "astype") else str(v) for k, v in section.items()}
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The medlite metadata of an OpenVINO .xml file, JSON values decoded (as for ONNX files)."""
+    from medlite.deploy.onnx import decode_metadata
+
+    ov = import_openvino()
+    return decode_metadata(_raw_metadata(ov.Core().read_model(str(path))))
+
+
+def convert_onnx(onnx_path: Path, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """An ONNX file as an OpenVINO model (same graph, same outputs, dynamic batch kept)."""
+    import onnx
+
+    ov = import_openvino()
+    model = ov.convert_model(str(onnx_path))
+    proto = onnx.load(str(onnx_path), load_external_data=False)  # all it states about itself
+    _set_metadata(model, {p.key: p.value for p in proto.metadata_props} | dict(metadata or {}))
+    _save(model, path)
+
+
+def quantize(
+    fp32_path: Path,
+    batches: Iterable[torch.Tensor],
+    path: Path,
+    *,
+    transformer: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> dict:
+    """NNCF post-training int8 of an OpenVINO fp32 model, calibrated on ``batches``; returns what
+    the export record keeps of it."""
+    ov = import_openvino()
+    import nncf
+
+    arrays = [np.ascontiguousarray(b.float().numpy()) for b in batches]
+    model = ov.Core().read_model(str(fp32_path))
+    kwargs = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
+    quantized = nncf.quantize(
+        model, nncf.Dataset(arrays), subset_size=max(1, len(arrays)), **kwargs
+    )
+    _set_metadata(quantized, _raw_metadata(model) | dict(metadata or {}))
+    _save(quantized, path)
+    return {
+        "source": "post-training static quantisation (NNCF, OpenVINO)",
+        "calibration_images": int(sum(len(a) for a in arrays)),
+        "model_type": "transformer" if transformer else "default",
+    }
+
+
+class OvModel(nn.Module):
+    """An OpenVINO compiled model as an ``nn.Module``: float32 logits for any batch size, on CPU.
+
+    Like :class:`~medlite.deploy.onnx.OrtModel`: no parameters, ``profile_overrides`` for what
+    ``profile_model`` can't count, and ``threads=None`` follows ``torch.get_num_threads()`` (the
+    model is recompiled when it changes). Compiled for latency, one stream, threads not pinned
+    to cores (on a shared machine pinning fights the other processes for the same cores), and
+    at f32 wherever a layer is not int8: OpenVINO would otherwise run "fp32" models in bf16 on
+    CPUs that have it, and the parity checks would be checking another model.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        threads: int | None = None,
+        params: int | None = None,
+        macs: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.path = Path(path)
+        if not self.path.is_file() or not self.path.with_suffix(".bin").is_file():
+            raise FileNotFoundError(f"OpenVINO model {self.path} (and its .bin) does not exist")
+        self.threads = threads
+        size = self.path.stat().st_size + self.path.with_suffix(".bin").stat().st_size
+        self.profile_overrides: dict[str, float | int] = {"size_mb": size / 2**20}
+        if params is not None:
+            self.profile_overrides["params"] = int(params)
+        if macs is not None:
+            self.profile_overrides["macs"] = int(macs)
+        self._compiled = None
+        self._compiled_threads = 0
+        self._open()
+
+    def _wanted_threads(self) -> int:
+        return int(self.threads or torch.get_num_threads())
+
+    def _open(self) -> None:
+        ov = import_openvino()
+        n = self._wanted_threads()
+        config = {
+            "INFERENCE_NUM_THREADS": n,
+            "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY",
+            "ENABLE_CPU_PINNING": False,
+            # OpenVINO's default on CPUs with bf16 instructions is bf16: fp32 must mean fp32
+            "INFERENCE_PRECISION_HINT": "f32",
+        }
+        self._compiled = ov.Core().compile_model(str(self.path), "CPU", config)
+        self._request = self._compiled.create_infer_request()
+        self._compiled_threads = n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._compiled is None or self._compiled_threads != self._wanted_threads():
+            self._open()
+        arr = np.ascontiguousarray(x.detach().cpu().float().numpy())
+        out = self._request.infer({0: arr})[0]
+        return torch.from_numpy(np.array(out, dtype=np.float32)).to(x.device)
+
+    def extra_repr(self) -> str:
+        return f"path={str(self.path)!r}, threads={self.threads}"
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_compiled"] = state["_request"] = None
+        state["_compiled_threads"] = 0
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.path.is_file():
+            self._open()
