@@ -59,8 +59,7 @@ def _train_and_export(model: str, size: int, args) -> tuple[Path, dict, dict]:
         "callbacks=none",
         "logger=csv",
     ]
-    if size != 28:
-        overrides.append(f"model.input_size={size}")
+    overrides.append(f"model.input_size={size}")
     res = run_with_overrides(out, overrides, args.reuse)
     export_file = out / "export" / "export.json"
     if args.reuse and export_file.is_file():
@@ -98,7 +97,11 @@ def main() -> None:
     summary = []
     for size in args.sizes:
         for model in args.models:
-            out, res, exp = _train_and_export(model, size, args)
+            try:
+                out, res, exp = _train_and_export(model, size, args)
+            except Exception as err:  # noqa: BLE001 - one model that can't run at a size
+                console.print(f"[red]{model} at {size} px: {type(err).__name__}: {err}[/red]")
+                continue
             if args.no_bench:
                 continue
             bench = benchmark_run(

@@ -326,10 +326,29 @@ class _Writer:
                 entry = openvino.quantize(
                     self._source("openvino_fp32"), batches, path,
                     transformer=transformer, metadata=self.metadata,
+                    validation=self._validation(), max_drop=self.settings.int8_max_drop,
                 )  # fmt: skip
             return entry | openvino.versions()
         self.program = _torch_export(self.model, self.example, path)
         return {}
+
+    def _validation(self):
+        """The validation split and a score of a compiled model on it (the monitored metric,
+        higher is better): what decides whether int8 needs layers kept in fp32."""
+        task = self.run.task
+        items = [(x.numpy(), y.numpy()) for x, y in self.dm.val_dataloader()]
+
+        def score(compiled, data) -> float:
+            labels, outputs = [], []
+            for x, y in data:
+                logits = torch.from_numpy(np.asarray(compiled(x)[0], dtype=np.float32))
+                outputs.append(task.eval_outputs(logits).numpy())
+                labels.append(y)
+            value = task.metrics(np.concatenate(labels), np.concatenate(outputs))
+            value = float(value[task.monitor_metric])
+            return value if task.monitor_mode == "max" else -value
+
+        return items, score
 
     def _source(self, fmt: str) -> Path:
         """The file of ``fmt`` written by this export, else a scratch copy made now."""

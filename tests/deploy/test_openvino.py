@@ -224,3 +224,57 @@ def test_openvino_sends_no_telemetry(exported_run: Path, tmp_path: Path):
     (tmp_path / "home" / "intel").mkdir(exist_ok=True)
     (tmp_path / "home" / "intel" / "openvino_telemetry").write_text("1")  # opted in
     assert attempts("medlite") == []
+
+
+class _OffsetHead(torch.nn.Module):
+    """The trained model's logits carried through two linear layers on an offset of 1000: a
+    per-tensor int8 activation scale of ~8 can't resolve them, so plain int8 loses the model."""
+
+    def __init__(self, base: torch.nn.Module) -> None:
+        super().__init__()
+        self.base = base
+        self.up, self.down = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+        with torch.no_grad():
+            for layer, offset in ((self.up, 1000.0), (self.down, -1000.0)):
+                layer.weight.copy_(torch.eye(2))
+                layer.bias.fill_(offset)
+
+    def forward(self, x):
+        return self.down(self.up(self.base(x)))
+
+
+@needs_openvino
+def test_int8_that_loses_too_much_falls_back_to_mixed_precision(exported_run: Path, tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    from medlite.deploy.onnx import export_onnx
+    from medlite.deploy.openvino_runtime import OvModel, convert_onnx, quantize
+
+    run = TrainedRun.load(exported_run)
+    model = _OffsetHead(run.torch_model()).eval()
+    dm = run.datamodule()
+    export_onnx(model, next(iter(dm.calibration_dataloader(batch_size=2)))[0], tmp_path / "m.onnx")
+    convert_onnx(tmp_path / "m.onnx", tmp_path / "m.xml")
+    val = [(x.numpy(), y.numpy()) for x, y in dm.val_dataloader()]
+
+    def auc(compiled, items) -> float:
+        scores = [np.diff(np.asarray(compiled(x)[0]), axis=1)[:, 0] for x, _ in items]
+        return roc_auc_score(
+            np.concatenate([y.reshape(-1) for _, y in items]), np.concatenate(scores)
+        )
+
+    batches = [x for x, _ in list(dm.calibration_dataloader())[:4]]
+    plain = quantize(tmp_path / "m.xml", batches, tmp_path / "plain.xml")
+    assert "mixed_precision" not in plain and "val" not in plain  # no validation: plain PTQ
+    entry = quantize(
+        tmp_path / "m.xml", batches, tmp_path / "q.xml", validation=(val, auc), max_drop=0.01
+    )
+    assert entry["val"]["drop"] > 0.05  # plain int8 really fails on this model
+    mixed = entry["mixed_precision"]
+    assert mixed["val_drop"] <= 0.01  # the fallback meets the tolerance...
+    kept = mixed["fake_quantize_ops"]
+    assert 0 < kept["plain_int8"] - kept["kept"] <= 4  # ...by returning a few layers to fp32
+    x = torch.stack([dm.splits["test"][i][0] for i in range(16)])
+    with torch.no_grad():
+        ref = model(x)
+    assert (OvModel(tmp_path / "q.xml")(x) - ref).abs().max() < 0.1
