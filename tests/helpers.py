@@ -214,10 +214,11 @@ def run_with_robustness_at_severity_1(cfg) -> None:
         run(cfg)
 
 
-def installed_openvino() -> tuple[str, ...]:
-    """The OpenVINO formats ``export=all`` writes here: both when medlite[openvino] is installed."""
+def optional_formats() -> tuple[str, ...]:
+    """The formats of optional runtimes (OpenVINO, ExecuTorch) that ``export=all`` writes here:
+    those whose extra is installed."""
     from medlite.deploy import runtimes
 
-    if not runtimes.installed("openvino"):
-        return ()
-    return tuple(n for n, f in runtimes.FORMATS.items() if f.runtime == "openvino")
+    return tuple(
+        n for n, f in runtimes.FORMATS.items() if f.extra is not None and runtimes.installed(n)
+    )

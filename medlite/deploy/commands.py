@@ -52,7 +52,8 @@ class PredictCommand:
     #: a PNG/JPEG/BMP/TIFF, DICOM or 2D NIfTI file, or a folder of them (searched recursively)
     input: str = MISSING
     #: auto (the fastest runtime that passed its checks, as measured here), pytorch, or an
-    #: exported format: onnx_fp32, onnx_int8, openvino_fp32, openvino_int8
+    #: exported format: onnx_fp32, onnx_int8, openvino_fp32, openvino_int8, executorch_fp32,
+    #: executorch_int8
     runtime: str = "auto"
     #: also write the predictions to this CSV file (segmentation: always written, by default
     #: to <run>/predictions/predictions.csv; masks and overlays go in the CSV's folder)
@@ -72,8 +73,9 @@ PREDICTIONS_DIR, PREDICTIONS_CSV = "predictions", "predictions.csv"
 HELP = {
     "run": "run directory written by train.py (holds results.json)",
     "input": "image file (PNG/JPEG/BMP/TIFF, DICOM, 2D NIfTI) or a folder of them",
-    "runtime": "auto | pytorch | onnx_fp32 | onnx_int8 | openvino_fp32 | openvino_int8 (auto: the "
-    "fastest that passed its parity checks, as the last benchmark, else the export, measured it)",
+    "runtime": "auto | pytorch | an exported format (onnx_fp32, onnx_int8, openvino_fp32, "
+    "openvino_int8, executorch_fp32, executorch_int8); auto: the fastest that passed its parity "
+    "checks, as the newest benchmark or export measured it",
     "out": "also write the predictions to this CSV file (segmentation: always written, default "
     "<run>/predictions/predictions.csv; masks, overlays and NIfTI masks go next to it)",
     "max_pixels": "refuse files with more pixels than this (height x width, read from the "
@@ -85,15 +87,15 @@ HELP = {
     "data_dir": "folder of the MedMNIST file (default: where the run found it, or MEDLITE_DATA_DIR)",
     "show_traceback": "print the full traceback of medlite's errors",
     "formats": "all (every format whose runtime is installed) or a subset of [onnx_fp32,"
-    "onnx_int8,openvino_fp32,openvino_int8,torch_export]",
+    "onnx_int8,openvino_fp32,openvino_int8,executorch_fp32,executorch_int8,torch_export]",
     "fp32_tolerance": "max |logit diff| of fp32 formats, relative to max(1, largest |logit|)",
     "int8_max_drop": "largest drop of the task's monitored metric (test split) allowed for "
     "int8 (0.01 = one point of a 0-1 metric)",
     "calibration_batches": "training batches (no augmentation) that calibrate int8",
     "per_channel": "per-channel int8 weight scales",
     "opset": "ONNX opset (default: the exporter's)",
-    "runtimes": "all (every installed runtime) or runtimes [pytorch,onnxruntime,openvino] and/or "
-    "formats [onnx_fp32,onnx_int8,openvino_fp32,openvino_int8]; eager PyTorch is always measured",
+    "runtimes": "all (every installed runtime) or runtimes [pytorch,onnxruntime,openvino,"
+    "executorch] and/or formats (onnx_int8, ...); eager PyTorch is always measured",
     "precisions": "subset of [fp32,int8]: which precisions of the named runtimes",
     "threads": "CPU thread counts to measure at",
     "repeats": "timed batch-1 passes (median and p90 reported)",

@@ -1,10 +1,12 @@
 """Export a trained run for the edge and prove the export is the same model.
 
-Formats: ONNX fp32, ONNX int8 (ONNX Runtime static QDQ, calibrated on the training split; or
-the int8 file the run's own ptq/qat/dynamic recipe made) and a ``torch.export`` program. Each is
-run over the whole test split next to the PyTorch model: max |logit difference| (over every
-logit, every pixel of a segmentation map too), agreement of predicted labels (of pixels, for
-segmentation), and the run's metrics through that runtime (a segmentation run's model card also
+Formats (the table is medlite/deploy/runtimes.py): ONNX fp32, ONNX int8 (ONNX Runtime static
+QDQ, calibrated on the training split; or the int8 file the run's own ptq/qat/dynamic recipe made),
+OpenVINO fp32 and int8 (converted from the ONNX file; NNCF int8, with accuracy control when plain
+int8 loses too much on the validation split), ExecuTorch fp32 and int8 (XNNPACK) and a
+``torch.export`` program. Each is run over the whole test split next to the PyTorch model: max
+|logit difference| (over every logit, every pixel of a segmentation map too), agreement of
+predicted labels (of pixels, for segmentation), and the run's metrics through that runtime (a segmentation run's model card also
 gets a few test images drawn with their masks, ``export/examples.png``). A parity or accuracy
 check that fails raises :class:`ExportError` after ``export.json`` is written, so nothing
 measured is lost.
@@ -71,8 +73,9 @@ class ExportError(MedliteError):
 class ExportSettings:
     """What to export and how strict the checks are (``conf/export/*.yaml`` has the same keys)."""
 
-    #: any of onnx_fp32, onnx_int8, openvino_fp32, openvino_int8, torch_export; ``all``: every
-    #: format whose runtime is installed (the others are skipped, with the reason recorded)
+    #: any of onnx_fp32, onnx_int8, openvino_fp32, openvino_int8, executorch_fp32, executorch_int8,
+    #: torch_export; ``all``: every format whose runtime is installed (the others are skipped,
+    #: with the reason recorded)
     formats: list[str] = field(default_factory=lambda: ["all"])
     #: fp32 formats: max |logit diff| allowed, relative to max(1, largest |logit|)
     fp32_tolerance: float = 1e-3
@@ -329,6 +332,22 @@ class _Writer:
                     validation=self._validation(), max_drop=self.settings.int8_max_drop,
                 )  # fmt: skip
             return entry | openvino.versions()
+        if fmt in ("executorch_fp32", "executorch_int8"):
+            from medlite.deploy.executorch_runtime import export_program
+
+            calibration = None
+            if fmt == "executorch_int8":
+                loader = self.dm.calibration_dataloader()
+                n = self.settings.calibration_batches
+                calibration = [x for x, _ in itertools.islice(loader, n)]
+            return export_program(
+                self.model,
+                self.example,
+                path,
+                metadata=self.metadata,
+                calibration=calibration,
+                per_channel=self.settings.per_channel,
+            )
         self.program = _torch_export(self.model, self.example, path)
         return {}
 

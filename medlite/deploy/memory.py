@@ -61,6 +61,20 @@ def _child(runtime: str, target: str, shape: list[int], batch: int, threads: int
         def run(n: int) -> None:
             request.infer({0: np.zeros((n, *shape), dtype=np.float32)})
 
+    elif runtime.startswith("executorch"):  # the ExecuTorch runtime (its tensors are torch's)
+        import torch
+        from executorch.extension.pybindings import portable_lib
+        from executorch.runtime import Runtime
+
+        portable_lib._unsafe_reset_threadpool(threads)
+        after_import = _status_mb("VmRSS")
+        method = Runtime.get().load_program(target).load_method("forward")
+        loaded = _status_mb("VmRSS")
+
+        def run(n: int) -> None:
+            for _ in range(n):  # the program runs at batch 1
+                method.execute([torch.zeros(1, *shape)])
+
     else:
         import onnxruntime as ort
 

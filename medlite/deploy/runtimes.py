@@ -41,11 +41,13 @@ FORMATS: dict[str, Format] = {
         Format("onnx_int8", "onnxruntime", "int8", "model_int8.onnx", "ORT int8", "onnxruntime", None),
         Format("openvino_fp32", "openvino", "fp32", "model_openvino.xml", "OpenVINO fp32", "openvino", "openvino"),
         Format("openvino_int8", "openvino", "int8", "model_openvino_int8.xml", "OpenVINO int8", "openvino", "openvino"),
+        Format("executorch_fp32", "executorch", "fp32", "model_executorch.pte", "ExecuTorch fp32", "executorch", "executorch"),
+        Format("executorch_int8", "executorch", "int8", "model_executorch_int8.pte", "ExecuTorch int8", "executorch", "executorch"),
         Format("torch_export", "pytorch", "fp32", "model.pt2", "torch.export", "torch", None),
     )
 }  # fmt: skip
 #: runtimes a user can name (``runtimes=[openvino]``), in the order tables show them
-RUNTIMES = (PYTORCH, "onnxruntime", "openvino")
+RUNTIMES = (PYTORCH, "onnxruntime", "openvino", "executorch")
 PRECISIONS = ("fp32", "int8")
 #: formats a benchmark or ``runtime=auto`` can run as a deployed model (torch.export is a
 #: program for other tools to compile, not a runtime medlite times)
@@ -107,6 +109,10 @@ def load(name: str, path: str | os.PathLike, **kwargs) -> nn.Module:
         from medlite.deploy.openvino_runtime import OvModel
 
         return OvModel(path, **kwargs)
+    if runtime == "executorch":
+        from medlite.deploy.executorch_runtime import ExModel
+
+        return ExModel(path, **kwargs)
     raise ConfigError(f"{name} is not a runtime medlite runs; deployable: {', '.join(DEPLOYABLE)}")
 
 
@@ -116,15 +122,21 @@ def read_metadata(name: str, path: str | os.PathLike) -> dict:
         from medlite.deploy.openvino_runtime import read_metadata as read
 
         return read(path)
+    if FORMATS[name].runtime == "executorch":
+        from medlite.deploy.executorch_runtime import read_metadata as read
+
+        return read(path)
     from medlite.deploy.onnx import read_metadata as read
 
     return read(path)
 
 
 def files_of(name: str, export_dir: Path) -> list[Path]:
-    """Every file a format consists of (an OpenVINO model is an .xml graph and a .bin of weights)."""
+    """Every file a format consists of (an OpenVINO model is an .xml graph and a .bin of weights;
+    an ExecuTorch program has its metadata in a .json beside it)."""
     path = export_dir / FORMATS[name].file
-    return [path, path.with_suffix(".bin")] if FORMATS[name].runtime == "openvino" else [path]
+    extra = {"openvino": ".bin", "executorch": ".json"}.get(FORMATS[name].runtime)
+    return [path, path.with_suffix(extra)] if extra else [path]
 
 
 def size_mb(name: str, export_dir: Path) -> float:

@@ -23,7 +23,7 @@ from medlite.deploy.onnx import OnnxExportError, OrtModel, export_onnx, onnx_wei
 from medlite.deploy.run_dir import TrainedRun
 from medlite.errors import ConfigError
 from medlite.tasks import BINARY, ORDINAL, ClassificationTask, calibration
-from tests.helpers import installed_openvino, model_and_context
+from tests.helpers import model_and_context, optional_formats
 
 
 def _export(run_dir: Path) -> dict:
@@ -38,7 +38,7 @@ def test_train_with_export_writes_checked_formats(exported_run: Path):
     # the reference pass is the trained model itself: same metrics as training's test
     assert rec["reference"]["test"]["auc"] == pytest.approx(results["test"]["auc"], abs=1e-6)
     fmts = rec["formats"]
-    assert set(fmts) == {"onnx_fp32", "onnx_int8", "torch_export", *installed_openvino()}
+    assert set(fmts) == {"onnx_fp32", "onnx_int8", "torch_export", *optional_formats()}
     for name in ("onnx_fp32", "torch_export"):
         assert fmts[name]["parity"]["max_abs_diff"] < 1e-4
         assert fmts[name]["parity"]["label_agreement"] == 1.0
@@ -98,7 +98,7 @@ def test_model_card_is_complete(exported_run: Path):
         "onnx_fp32",
         "onnx_int8",
         "torch_export",
-        *installed_openvino(),
+        *optional_formats(),
     }
     assert card["export"]["formats"]["onnx_int8"]["parity"]["ok"] is True
     assert card["versions"]["onnxruntime"] and card["versions"]["torch"]

@@ -20,7 +20,7 @@ from medlite.deploy.onnx import OrtModel, onnx_weight_dtypes
 from medlite.deploy.predict import Predictor
 from medlite.deploy.run_dir import TrainedRun
 from medlite.pipeline import run
-from tests.helpers import installed_openvino, make_cfg, write_dicom
+from tests.helpers import make_cfg, optional_formats, write_dicom
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_export_parity_is_measured_in_dice(seg_run: Path) -> None:
     assert rec["task"]["monitor"] == "val/dice" and rec["task"]["kind"] == "segmentation"
     assert rec["reference"]["test"]["dice"] == pytest.approx(results["test"]["dice"], abs=1e-6)
     fmts = rec["formats"]
-    assert set(fmts) == {"onnx_fp32", "onnx_int8", "torch_export", *installed_openvino()}
+    assert set(fmts) == {"onnx_fp32", "onnx_int8", "torch_export", *optional_formats()}
     for name in ("onnx_fp32", "torch_export"):
         parity = fmts[name]["parity"]
         assert parity["ok"] and parity["max_abs_diff"] < 1e-4  # over every logit of every pixel
