@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import medlite
@@ -31,6 +32,7 @@ from medlite.outputs import remove_failed_start
 from medlite.results import git_revision, lookup, package_versions, print_summary, write_json
 from medlite.resume import Resume, begin_resume
 from medlite.sweeps.placement import place_job, placement_record
+from medlite.threads import check_threads
 from medlite.training import instantiate_group, loss_class_weights, train_phase
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,9 @@ def run(cfg: DictConfig) -> float:
         config_checks.validate(cfg)
         processes = ddp.prepare(cfg, multirun=config_checks.in_multirun())
         placement = place_job(cfg)  # parallel multirun jobs: threads, GPU
+        fixed = check_threads(cfg.get("threads"))  # auto: follows the load while training
+        if fixed != "auto":
+            torch.set_num_threads(fixed if placement is None else min(fixed, placement.threads))
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
         dm = build_datamodule(cfg)
         dm.setup()  # fails now, not mid-training, on a missing or corrupt file

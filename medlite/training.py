@@ -29,6 +29,7 @@ from medlite.checkpoints import lightning_state
 from medlite.compress.base import LossTerm
 from medlite.errors import ConfigError
 from medlite.modules import MedliteModule, module_class
+from medlite.threads import ThreadsFollowLoad, check_threads
 
 
 @dataclass
@@ -177,6 +178,7 @@ def train_phase(
             last,
             NaNGuard(),
             EpochSeed(cfg.seed, prefix),
+            *([ThreadsFollowLoad()] if check_threads(cfg.get("threads")) == "auto" else []),
             *instantiate_group(cfg.get("callbacks")),
             *callbacks,
         ],

@@ -4,7 +4,8 @@ process, at 1 thread and at the machine's thread count with each OpenMP wait pol
 Each cell runs in a fresh Python process (OpenMP reads ``OMP_WAIT_POLICY`` when torch is
 imported) and measures, with LiteCNN on 28-px input: the median batch-1 eager latency, training
 steps per second (batch 64, forward + backward + SGD), and ONNX Runtime batch-1 latency with
-its worker threads spinning (its default) and not. The competing load is ``--load`` processes
+its worker threads spinning (its default) and not. ``threads=auto`` is medlite's default for
+training (:mod:`medlite.threads`): the child takes as many threads as cores are free when it starts. The competing load is ``--load`` processes
 each spinning one core, started before and stopped after the cell, so every cell sees the same
 contention. Cells run in turns, ``--rounds`` times, and the table gives each cell's median over
 rounds; ratios are against ``1 thread`` in the same condition.
@@ -31,6 +32,9 @@ CHILD = r"""
 import json, os, statistics, sys, time
 threads, ort_path = int(sys.argv[1]), sys.argv[2]
 import torch
+if threads == 0:  # medlite's threads=auto: the cores other processes leave free
+    from medlite.threads import idle_threads
+    threads = idle_threads(os.cpu_count()) or os.cpu_count()
 torch.set_num_threads(threads)
 from medlite.models.factory import create_model
 
@@ -60,6 +64,7 @@ for spin in ("1", "0"):
     o.add_session_config_entry("session.intra_op.allow_spinning", spin)
     s = ort.InferenceSession(ort_path, o, providers=["CPUExecutionProvider"])
     res["ort_spin_ms" if spin == "1" else "ort_nospin_ms"] = median_ms(lambda: s.run(None, {"image": a}), 300)
+res["threads"] = threads
 print(json.dumps(res))
 """
 
@@ -67,6 +72,7 @@ CELLS = {  # name: (threads, extra environment)
     "1 thread": (1, {}),
     "{n} threads, OpenMP default": (None, {}),
     "{n} threads, OMP_WAIT_POLICY=PASSIVE": (None, {"OMP_WAIT_POLICY": "PASSIVE"}),
+    "medlite threads=auto (free cores)": (0, {}),
 }
 SPIN = "import time\nwhile True:\n    pass\n"
 
@@ -108,7 +114,7 @@ def main() -> None:
     args = p.parse_args()
     console = Console(width=170)
     n = args.threads
-    cells = {name.format(n=n): (t or n, env) for name, (t, env) in CELLS.items()}
+    cells = {name.format(n=n): (n if t is None else t, env) for name, (t, env) in CELLS.items()}
     results: dict[int, dict[str, list[dict]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         onnx = _export_onnx(Path(tmp))
@@ -124,7 +130,7 @@ def main() -> None:
                     for proc in busy:
                         proc.kill()
                         proc.wait()
-    keys = ("eager_ms", "train_steps_s", "ort_spin_ms", "ort_nospin_ms")
+    keys = ("eager_ms", "train_steps_s", "ort_spin_ms", "ort_nospin_ms", "threads")
     summary = {
         load: {
             name: {k: statistics.median(c[k] for c in runs) for k in keys}
@@ -134,8 +140,11 @@ def main() -> None:
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"cpus": os.cpu_count(), "summary": summary}, indent=1))
-    table = Table(title=f"LiteCNN 28 px on {os.cpu_count()} logical CPUs: median of {args.rounds} rounds")
-    for col in ("busy processes", "setting", "eager bs1 ms", "train steps/s", "ORT ms (spin)", "ORT ms (no spin)"):
+    table = Table(
+        title=f"LiteCNN 28 px on {os.cpu_count()} logical CPUs: median of {args.rounds} rounds"
+    )
+    cols = ("busy processes", "setting", "threads", "eager bs1 ms", "train steps/s")
+    for col in (*cols, "ORT ms (spin)", "ORT ms (no spin)"):
         table.add_column(col, justify="left" if col == "setting" else "right")
     for load, cells_ in summary.items():
         base = cells_["1 thread"]
@@ -143,6 +152,7 @@ def main() -> None:
             table.add_row(
                 str(load),
                 name,
+                f"{v['threads']:g}",
                 f"{v['eager_ms']:.2f} ({base['eager_ms'] / v['eager_ms']:.2f}x)",
                 f"{v['train_steps_s']:.1f} ({v['train_steps_s'] / base['train_steps_s']:.2f}x)",
                 f"{v['ort_spin_ms']:.3f}",
