@@ -1,7 +1,7 @@
 """Latency, throughput, memory and size of a run's model on this machine, per runtime and thread count.
 
-Eager PyTorch and every exported format whose runtime is installed (ONNX Runtime, OpenVINO; fp32
-and int8) are measured in one process: batch-1 latency in turns (:func:`interleaved_latency_ms`,
+Eager PyTorch and every exported format whose runtime is installed (ONNX Runtime, OpenVINO,
+ExecuTorch; fp32 and int8) are measured in one process: batch-1 latency in turns (:func:`interleaved_latency_ms`,
 so load elsewhere on the machine slows all of them alike), then throughput, with the thread count
 fixed and recorded; memory in a fresh process per runtime. Each row also says what fraction of
 this machine's peak it reaches: its MACs per second against a large matrix product timed in the
@@ -26,7 +26,7 @@ from torch import nn
 from medlite.atomic import atomic_path
 from medlite.deploy import runtimes
 from medlite.deploy.auto import passed_formats
-from medlite.deploy.export import FILE_NAMES, ExportSettings, export_run
+from medlite.deploy.export import FILE_NAMES, ExportError, ExportSettings, export_run
 from medlite.deploy.memory import measure_memory
 from medlite.deploy.model_card import write_model_card
 from medlite.deploy.run_dir import TrainedRun
@@ -51,8 +51,8 @@ PEAK_GEMM_SIZE = 1024
 class BenchmarkSettings:
     """How to measure (the same keys are accepted on ``scripts/benchmark.py``'s command line)."""
 
-    #: runtimes (pytorch, onnxruntime, openvino), formats (onnx_int8, ...) or all: every one
-    #: installed here, each at ``precisions``
+    #: runtimes (pytorch, onnxruntime, openvino, executorch), formats (onnx_int8, ...) or all:
+    #: every one installed here, each at ``precisions``
     runtimes: list[str] = field(default_factory=lambda: ["all"])
     precisions: list[str] = field(default_factory=lambda: list(runtimes.PRECISIONS))
     #: CPU threads to measure at (one row per runtime and count)
@@ -140,7 +140,11 @@ def _models(run: TrainedRun, formats: list[str], data_dir: str | None) -> dict[s
     ]
     if missing:
         log.info("no %s in %s yet: exporting first", ", ".join(missing), run.export_dir)
-        export_run(run, ExportSettings(formats=missing), data_dir=data_dir)
+        try:
+            export_run(run, ExportSettings(formats=missing), data_dir=data_dir)
+        except ExportError as err:  # measure what exported; export.json says why the rest not
+            log.warning("%s", err)
+        formats = [f for f in formats if f == PYTORCH or (run.export_dir / FILE_NAMES[f]).is_file()]
     model = run.torch_model()
     macs = count_macs(model, _example(run))
     params = count_parameters(model)
@@ -180,6 +184,7 @@ def benchmark_run(
     for fmt, why in skipped.items():
         log.warning("benchmark: %s skipped (%s)", fmt, why)
     models = _models(run, formats, data_dir)
+    formats = list(models)
     rows, peaks = [], {}
     example = torch.randn(1, *run.input_shape)
     with Progress(transient=True, console=console) as progress:

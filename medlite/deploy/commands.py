@@ -115,6 +115,12 @@ def _usage(schema: type) -> str:
     return "\n".join(lines)
 
 
+def _as_list(arg: str) -> str:
+    """``runtimes=all`` means ``runtimes=[all]``: one value where a list is expected."""
+    key, value = arg.split("=", 1)
+    return arg if value.strip().startswith("[") else f"{key}=[{value}]"
+
+
 def parse_args(schema: type, argv: Sequence[str]):
     """``key=value`` strings -> an instance of ``schema`` (a dataclass); ConfigError on mistakes."""
     bad = [a for a in argv if "=" not in a]
@@ -122,6 +128,8 @@ def parse_args(schema: type, argv: Sequence[str]):
         raise ConfigError(
             f"arguments are key=value pairs; got {' '.join(bad)!r}\n\n{_usage(schema)}"
         )
+    lists = {f.name for f in dataclasses.fields(schema) if str(f.type).startswith("list")}
+    argv = [_as_list(a) if a.split("=", 1)[0] in lists else a for a in argv]
     try:
         cfg = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(list(argv)))
         missing = sorted(OmegaConf.missing_keys(cfg))

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from medlite.deploy.benchmark import BenchmarkSettings, benchmark_run
-from medlite.deploy.commands import ExportCommand, main_benchmark, main_export, parse_args
+from medlite.deploy.commands import (
+    BenchmarkCommand,
+    ExportCommand,
+    main_benchmark,
+    main_export,
+    parse_args,
+)
 from medlite.errors import ConfigError
 
 
@@ -78,3 +84,8 @@ def test_arguments_are_typed(tmp_path):
         parse_args(ExportCommand, [str(tmp_path)])
     with pytest.raises(ConfigError, match="threads"):
         BenchmarkSettings(threads=[0])
+    # one value where a list is expected, as the README writes it: runtimes=all, threads=1
+    args = parse_args(BenchmarkCommand, [f"run={tmp_path}", "runtimes=all", "threads=1"])
+    assert args.runtimes == ["all"] and args.threads == [1]
+    args = parse_args(ExportCommand, [f"run={tmp_path}", "formats=onnx_fp32"])
+    assert args.formats == ["onnx_fp32"]
