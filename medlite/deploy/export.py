@@ -600,7 +600,8 @@ def _record_deployed_latency(run: TrainedRun, latency: dict) -> None:
 
 def _previous_formats(out: Path, now: dict[str, dict]) -> dict[str, dict]:
     """Formats exported earlier and not redone now (whose files still exist): exporting one
-    format later must not drop the record of the others from export.json."""
+    format later must not drop the record of the others from export.json, nor the record of a
+    file that failed its checks (it stays on disk, and its failure must stay visible)."""
     try:
         old = json.loads((out / "export.json").read_text())["formats"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -609,6 +610,6 @@ def _previous_formats(out: Path, now: dict[str, dict]) -> dict[str, dict]:
         fmt: {**entry, "path": f"{out.name}/{Path(entry['path']).name}"}  # relative to the run
         for fmt, entry in old.items()
         if fmt not in now
-        and (entry.get("parity") or {}).get("ok")
+        and "parity" in entry
         and (out / Path(entry.get("path", "")).name).is_file()  # this run's file, never another's
     }
