@@ -131,7 +131,7 @@ class ThreadsFollowLoad(pl.Callback):
         self.limit = self.limit or self.start_threads
         if trainer.world_size > 1:  # DDP places its own threads
             return
-        n = idle_threads(self.limit)  # a short look before the first epoch
+        n = idle_threads(self.limit, sample_s=0.1)  # a short look before the first epoch
         if n is not None and n != self.start_threads:
             log.info(
                 "other processes keep %d core(s) busy: %d torch thread(s)", os.cpu_count() - n, n

@@ -281,8 +281,9 @@ def _segmentation_examples(
 
 
 class _Writer:
-    """Writes one format at a time; an OpenVINO file is converted from the ONNX file this export
-    just wrote, or from one made for it in ``scratch`` when that format was not asked for."""
+    """Writes one format at a time (ONNX, OpenVINO, ExecuTorch, torch.export); an OpenVINO file
+    is converted from the ONNX file this export just wrote, or from one made for it in
+    ``scratch`` when that format was not asked for."""
 
     def __init__(self, run, raw, model, dm, example, settings, metadata, temperature) -> None:
         self.run, self.raw, self.model, self.dm = run, raw, model, dm

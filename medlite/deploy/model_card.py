@@ -217,7 +217,8 @@ def build_card(run: TrainedRun) -> dict:
     if export or bench:
         from medlite.deploy.auto import choose_runtime
 
-        fmt, why = choose_runtime(run, int((export or {}).get("latency", {}).get("threads") or 1))
+        threads = ((export or {}).get("latency") or {}).get("threads")
+        fmt, why = choose_runtime(run, int(threads or 1))
         card["auto_runtime"] = {"format": fmt, "why": why}
     plots = {
         name: f"{run.export_dir.name}/{f}"  # relative to the run folder

@@ -78,7 +78,7 @@ def formats_of(runtimes: list[str], precisions: tuple[str, ...] = PRECISIONS) ->
     order; a format name passes through, ``all`` means every deployable format."""
     wanted = [PYTORCH, *DEPLOYABLE] if "all" in runtimes else []
     for r in runtimes:
-        if r in FORMATS or r == PYTORCH:
+        if r in DEPLOYABLE or r == PYTORCH:
             wanted.append(r)
         elif r in RUNTIMES:
             wanted += [n for n in DEPLOYABLE if FORMATS[n].runtime == r]

@@ -165,6 +165,8 @@ def test_a_runtime_that_is_not_installed_is_one_clear_line(monkeypatch):
     assert "medlite[openvino]" in skipped["openvino_fp32"]
     with pytest.raises(ConfigError, match="unknown runtime 'tensorrt'"):
         BenchmarkSettings(runtimes=["tensorrt"])
+    with pytest.raises(ConfigError, match="unknown runtime 'torch_export'"):  # not a runtime
+        BenchmarkSettings(runtimes=["torch_export"])
 
 
 _PROBE = textwrap.dedent(
