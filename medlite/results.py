@@ -35,6 +35,9 @@ _PACKAGES = (
     "onnx",
     "onnxruntime",
     "onnxscript",
+    "openvino",  # optional runtimes: None where not installed
+    "nncf",
+    "executorch",
 )
 
 
@@ -92,6 +95,16 @@ def write_json(path: str | os.PathLike, data: dict) -> Path:
 
 def read_json(path: str | os.PathLike) -> dict:
     return json.loads(Path(path).read_text())
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON object file as a dict; ``{}`` when it is missing, unreadable or not an object
+    (a record another run may have left half-written or never written)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def lookup(results: dict, path: str):

@@ -9,29 +9,20 @@ to another machine) gives way to the next fastest that is.
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 from medlite.deploy import runtimes
 from medlite.deploy.run_dir import TrainedRun
+from medlite.results import read_json_object
 
 log = logging.getLogger(__name__)
 
 PYTORCH = runtimes.PYTORCH
 
 
-def _read(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def passed_formats(run: TrainedRun) -> set[str]:
     """Formats whose export passed its parity checks (export.json), whose files still exist."""
-    formats = _read(run.export_dir / "export.json").get("formats") or {}
+    formats = read_json_object(run.export_dir / "export.json").get("formats") or {}
     return {
         f
         for f, e in formats.items()
@@ -43,7 +34,7 @@ def passed_formats(run: TrainedRun) -> set[str]:
 
 
 def _from_benchmark(run: TrainedRun, threads: int) -> tuple[dict[str, float], str]:
-    bench = _read(run.export_dir / "benchmark.json")
+    bench = read_json_object(run.export_dir / "benchmark.json")
     rows = [r for r in bench.get("rows") or [] if isinstance(r, dict) and r.get("latency_ms")]
     if not rows:
         return {}, ""
@@ -56,7 +47,7 @@ def _from_benchmark(run: TrainedRun, threads: int) -> tuple[dict[str, float], st
 
 
 def _from_export(run: TrainedRun) -> tuple[dict[str, float], str]:
-    latency = _read(run.export_dir / "export.json").get("latency") or {}
+    latency = read_json_object(run.export_dir / "export.json").get("latency") or {}
     if not latency.get("median_ms"):
         return {}, ""
     return dict(latency["median_ms"]), f"export.json, {latency.get('threads')} thread(s)"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from medlite.atomic import atomic_path, write_text
+from medlite.deploy.runtimes import ExportedModel
 
 #: calibration images for int8 (each runs at batch 1, the program's shape)
 MAX_CALIBRATION_IMAGES = 256
@@ -89,9 +90,7 @@ def export_program(
             "calibration_images": seen,
         }
     write_text(sidecar(path), json.dumps(metadata or {}, indent=1))
-    from importlib.metadata import version
-
-    return entry | {"versions": {"executorch": version("executorch")}}
+    return entry
 
 
 #: bumped whenever the thread pool is resized: a program loaded before then is reloaded (one
@@ -110,10 +109,11 @@ def _set_threads(n: int) -> int:
     return _pool["generation"]
 
 
-class ExModel(nn.Module):
-    """An ExecuTorch program as an ``nn.Module``: float32 logits for any batch size (the program
-    runs at batch 1, image by image, as on a device), on CPU; ``threads=None`` follows
-    ``torch.get_num_threads()`` at each call, like :class:`~medlite.deploy.onnx.OrtModel`."""
+class ExModel(ExportedModel):
+    """An ExecuTorch program as an ``nn.Module`` (see :class:`ExportedModel`): float32 logits
+    for any batch size (the program runs at batch 1, image by image, as on a device), on CPU."""
+
+    _handles = {"_method": None, "_generation": -1}
 
     def __init__(
         self,
@@ -123,20 +123,7 @@ class ExModel(nn.Module):
         params: int | None = None,
         macs: int | None = None,
     ) -> None:
-        super().__init__()
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"ExecuTorch program {self.path} does not exist")
-        self.threads = threads
-        self.profile_overrides: dict[str, float | int] = {
-            "size_mb": self.path.stat().st_size / 2**20
-        }
-        if params is not None:
-            self.profile_overrides["params"] = int(params)
-        if macs is not None:
-            self.profile_overrides["macs"] = int(macs)
-        self._method = None
-        self._generation = -1
+        super().__init__(path, threads=threads, params=params, macs=macs, what="ExecuTorch program")
 
     def _open(self) -> None:
         from executorch.runtime import Runtime
@@ -145,17 +132,9 @@ class ExModel(nn.Module):
         self._generation = _pool["generation"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        generation = _set_threads(int(self.threads or torch.get_num_threads()))
+        generation = _set_threads(self._wanted_threads())
         if self._method is None or self._generation != generation:
             self._open()  # loaded after the pool's last resize
         x = x.detach().cpu().float().contiguous()
         outs = [self._method.execute([x[i : i + 1]])[0] for i in range(x.shape[0])]
         return torch.cat(outs).float()
-
-    def extra_repr(self) -> str:
-        return f"path={str(self.path)!r}, threads={self.threads}"
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_method"], state["_generation"] = None, -1
-        return state

@@ -313,7 +313,7 @@ class _Writer:
             from medlite.deploy import openvino_runtime as openvino
 
             openvino.convert_onnx(self._source("onnx_fp32"), path, self.metadata)
-            return {"source": "converted from the ONNX fp32 file"} | openvino.versions()
+            return {"source": "converted from the ONNX fp32 file"}
         if fmt == "openvino_int8":
             from medlite.deploy import openvino_runtime as openvino
 
@@ -322,25 +322,18 @@ class _Writer:
                 steps = " -> ".join(self.run.results["compress"]["steps"])
                 entry = {"source": f"the run's compression recipe ({steps}), converted"}
             else:
-                loader = self.dm.calibration_dataloader()
-                batches = [
-                    x for x, _ in itertools.islice(loader, self.settings.calibration_batches)
-                ]
+                batches = self._calibration_batches()
                 transformer = self.run.results["model"].get("paradigm") == "transformer"
                 entry = openvino.quantize(
                     self._source("openvino_fp32"), batches, path,
                     transformer=transformer, metadata=self.metadata,
                     validation=self._validation(), max_drop=self.settings.int8_max_drop,
                 )  # fmt: skip
-            return entry | openvino.versions()
+            return entry
         if fmt in ("executorch_fp32", "executorch_int8"):
             from medlite.deploy.executorch_runtime import export_program
 
-            calibration = None
-            if fmt == "executorch_int8":
-                loader = self.dm.calibration_dataloader()
-                n = self.settings.calibration_batches
-                calibration = [x for x, _ in itertools.islice(loader, n)]
+            calibration = self._calibration_batches() if fmt == "executorch_int8" else None
             return export_program(
                 self.model,
                 self.example,
@@ -351,6 +344,12 @@ class _Writer:
             )
         self.program = _torch_export(self.model, self.example, path)
         return {}
+
+    def _calibration_batches(self) -> list[torch.Tensor]:
+        """``calibration_batches`` training batches without augmentation (ONNX Runtime's PTQ
+        takes the same ones, through compress.quantize)."""
+        loader = self.dm.calibration_dataloader()
+        return [x for x, _ in itertools.islice(loader, self.settings.calibration_batches)]
 
     def _validation(self):
         """The validation split and a score of a compiled model on it (the monitored metric,

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from medlite.atomic import DiskFullError, atomic_path
+from medlite.deploy.runtimes import ExportedModel
 from medlite.errors import TrainingError
 
 log = logging.getLogger(__name__)
@@ -406,16 +407,11 @@ def onnx_weight_dtypes(path: str | os.PathLike) -> dict[str, int]:
     return dict(counts)
 
 
-class OrtModel(nn.Module):
-    """An ONNX Runtime session as an ``nn.Module``: float32 logits for any batch size, on CPU.
+class OrtModel(ExportedModel):
+    """An ONNX Runtime session as an ``nn.Module`` (see :class:`ExportedModel`): float32 logits
+    for any batch size, on CPU; the session is rebuilt when the wanted thread count changes."""
 
-    It has no parameters and cannot be trained, so ``profile_model`` reads ``profile_overrides``
-    (``params`` and ``macs`` supplied by the creator from the fp32 model, since quantisation does
-    not change them, and ``size_mb`` of the file). ``threads=None`` follows
-    ``torch.get_num_threads()`` at each call (the session is rebuilt when it changes), so
-    profiling at a given thread count measures ORT at that count too. Pickling drops the session
-    and reopens the file.
-    """
+    _handles = {"_session": None, "_session_threads": 0}
 
     def __init__(
         self,
@@ -425,24 +421,8 @@ class OrtModel(nn.Module):
         params: int | None = None,
         macs: int | None = None,
     ) -> None:
-        super().__init__()
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"ONNX model {self.path} does not exist")
-        self.threads = threads
-        self.profile_overrides: dict[str, float | int] = {
-            "size_mb": self.path.stat().st_size / 2**20
-        }
-        if params is not None:
-            self.profile_overrides["params"] = int(params)
-        if macs is not None:
-            self.profile_overrides["macs"] = int(macs)
-        self._session = None
-        self._session_threads = 0
+        super().__init__(path, threads=threads, params=params, macs=macs, what="ONNX model")
         self._open()
-
-    def _wanted_threads(self) -> int:
-        return int(self.threads or torch.get_num_threads())
 
     def _open(self) -> None:
         n = self._wanted_threads()
@@ -456,20 +436,6 @@ class OrtModel(nn.Module):
         arr = np.ascontiguousarray(x.detach().cpu().float().numpy())
         out = self._session.run(None, {self.input_name: arr})[0]
         return torch.from_numpy(np.asarray(out, dtype=np.float32)).to(x.device)
-
-    def extra_repr(self) -> str:
-        return f"path={str(self.path)!r}, threads={self.threads}"
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_session"] = None
-        state["_session_threads"] = 0
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        if self.path.is_file():
-            self._open()
 
 
 def max_abs_diff(torch_model: nn.Module, ort_model: nn.Module, x: torch.Tensor) -> float:

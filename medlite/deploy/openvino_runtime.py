@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from medlite.atomic import DiskFullError
+from medlite.deploy.runtimes import ExportedModel
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +46,6 @@ def import_openvino():
     import openvino
 
     return openvino
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("openvino", "nncf"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return {"versions": out}
 
 
 def _save(model, path: Path) -> None:
@@ -183,16 +171,17 @@ def quantize(
     return entry
 
 
-class OvModel(nn.Module):
-    """An OpenVINO compiled model as an ``nn.Module``: float32 logits for any batch size, on CPU.
+class OvModel(ExportedModel):
+    """An OpenVINO compiled model as an ``nn.Module`` (see :class:`ExportedModel`): float32
+    logits for any batch size, on CPU; recompiled when the wanted thread count changes.
 
-    Like :class:`~medlite.deploy.onnx.OrtModel`: no parameters, ``profile_overrides`` for what
-    ``profile_model`` can't count, and ``threads=None`` follows ``torch.get_num_threads()`` (the
-    model is recompiled when it changes). Compiled for latency, one stream, threads not pinned
-    to cores (on a shared machine pinning fights the other processes for the same cores), and
-    at f32 wherever a layer is not int8: OpenVINO would otherwise run "fp32" models in bf16 on
-    CPUs that have it, and the parity checks would be checking another model.
+    Compiled for latency, one stream, threads not pinned to cores (on a shared machine pinning
+    fights the other processes for the same cores), and at f32 wherever a layer is not int8:
+    OpenVINO would otherwise run "fp32" models in bf16 on CPUs that have it, and the parity
+    checks would be checking another model.
     """
+
+    _handles = {"_compiled": None, "_request": None, "_compiled_threads": 0}
 
     def __init__(
         self,
@@ -202,23 +191,13 @@ class OvModel(nn.Module):
         params: int | None = None,
         macs: int | None = None,
     ) -> None:
-        super().__init__()
-        self.path = Path(path)
-        if not self.path.is_file() or not self.path.with_suffix(".bin").is_file():
-            raise FileNotFoundError(f"OpenVINO model {self.path} (and its .bin) does not exist")
-        self.threads = threads
-        size = self.path.stat().st_size + self.path.with_suffix(".bin").stat().st_size
-        self.profile_overrides: dict[str, float | int] = {"size_mb": size / 2**20}
-        if params is not None:
-            self.profile_overrides["params"] = int(params)
-        if macs is not None:
-            self.profile_overrides["macs"] = int(macs)
-        self._compiled = None
-        self._compiled_threads = 0
+        path = Path(path)
+        files = [path, path.with_suffix(".bin")]
+        super().__init__(
+            path, files=files, threads=threads, params=params, macs=macs,
+            what="OpenVINO model (.xml and its .bin)",
+        )  # fmt: skip
         self._open()
-
-    def _wanted_threads(self) -> int:
-        return int(self.threads or torch.get_num_threads())
 
     def _open(self) -> None:
         ov = import_openvino()
@@ -241,17 +220,3 @@ class OvModel(nn.Module):
         arr = np.ascontiguousarray(x.detach().cpu().float().numpy())
         out = self._request.infer({0: arr})[0]
         return torch.from_numpy(np.array(out, dtype=np.float32)).to(x.device)
-
-    def extra_repr(self) -> str:
-        return f"path={str(self.path)!r}, threads={self.threads}"
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_compiled"] = state["_request"] = None
-        state["_compiled_threads"] = 0
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        if self.path.is_file():
-            self._open()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from medlite.atomic import write_text
 from medlite.reproduce.recipes import Recipe
+from medlite.results import read_json_object
 
 #: what a run folder records of how it was started (compared before reusing it)
 LAUNCH_FILE = "reproduce.json"
@@ -49,20 +50,12 @@ def budget_overrides(quick: bool, extra: Sequence[str] = ()) -> list[str]:
     return [*([f"trainer.max_epochs={QUICK_EPOCHS}"] if quick else []), *extra]
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def finished(run_dir: Path, launch: dict) -> dict | None:
     """The results of a finished run started the same way, or None."""
-    results = _read_json(run_dir / "results.json")
+    results = read_json_object(run_dir / "results.json")
     if results.get("status") != "ok":
         return None
-    return results if _read_json(run_dir / LAUNCH_FILE) == launch else None
+    return results if read_json_object(run_dir / LAUNCH_FILE) == launch else None
 
 
 def _move_aside(run_dir: Path) -> None:
@@ -108,7 +101,7 @@ def run_one(
             env=env,
             check=False,
         )
-    results = _read_json(run_dir / "results.json")
+    results = read_json_object(run_dir / "results.json")
     if run_dir.is_dir():  # how it was started: a later reproduction reuses it only if the same
         write_text(run_dir / LAUNCH_FILE, json.dumps(launch, indent=2))
     record = RunRecord(recipe, seed, run_dir, results=results)
