@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from medlite.atomic import atomic_path, write_text
-from medlite.deploy.runtimes import ExportedModel
+from medlite.deploy.exported_model import ExportedModel
 
 #: calibration images for int8 (each runs at batch 1, the program's shape)
 MAX_CALIBRATION_IMAGES = 256

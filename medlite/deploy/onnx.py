@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from medlite.atomic import DiskFullError, atomic_path
-from medlite.deploy.runtimes import ExportedModel
+from medlite.deploy.exported_model import ExportedModel
 from medlite.errors import TrainingError
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from medlite.atomic import DiskFullError
-from medlite.deploy.runtimes import ExportedModel
+from medlite.deploy.exported_model import ExportedModel
 
 log = logging.getLogger(__name__)
 
