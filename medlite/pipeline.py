@@ -33,7 +33,12 @@ from medlite.results import git_revision, lookup, package_versions, print_summar
 from medlite.resume import Resume, begin_resume
 from medlite.sweeps.placement import place_job, placement_record
 from medlite.threads import check_threads
-from medlite.training import instantiate_group, loss_class_weights, train_phase
+from medlite.training import (
+    instantiate_group,
+    loss_class_weights,
+    record_train_threads,
+    train_phase,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,13 @@ def run(cfg: DictConfig) -> float:
         processes = ddp.prepare(cfg, multirun=config_checks.in_multirun())
         placement = place_job(cfg)  # parallel multirun jobs: threads, GPU
         fixed = check_threads(cfg.get("threads"))  # auto: follows the load while training
+        if resume is not None and fixed == "auto":
+            log.warning(
+                "threads=auto: the resumed epochs train with as many threads as the load leaves "
+                "free; where that differs from the uninterrupted run's, the numbers differ in the "
+                "last digits (see results.json job.train_threads). A fixed threads=N resumes "
+                "bit-identically."
+            )
         if fixed != "auto":
             torch.set_num_threads(fixed if placement is None else min(fixed, placement.threads))
         pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -151,6 +163,7 @@ def run(cfg: DictConfig) -> float:
             )
             model = phase.module.model
             results["job"]["world_size"] = phase.world_size
+            record_train_threads(results, phase)
             best = relative_to_run(phase.best_checkpoint, output_dir)  # a moved run finds it
             results.update(best_checkpoint=best, val=phase.val, test=phase.test)
             if cfg.profile.enabled:

@@ -124,7 +124,7 @@ class ThreadsFollowLoad(pl.Callback):
         self.limit = limit
         self.meter: LoadMeter | None = None
         self.start_threads = 0
-        self.history: list[int] = []
+        self.history: dict[int, int] = {}  # epoch -> threads it trained with
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self.start_threads = torch.get_num_threads()
@@ -142,8 +142,8 @@ class ThreadsFollowLoad(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         if self.meter is None:
             return
-        if trainer.current_epoch == 0:  # just measured by on_fit_start
-            self.history.append(torch.get_num_threads())
+        if not self.history:  # the first epoch of this fit: just measured by on_fit_start
+            self.history[trainer.current_epoch] = torch.get_num_threads()
             return
         n = free_cpus(self.limit, self.meter)
         if n is not None and n != torch.get_num_threads():
@@ -151,7 +151,7 @@ class ThreadsFollowLoad(pl.Callback):
                 "other processes keep %d core(s) busy: %d torch thread(s)", self.meter.cpus - n, n
             )
             torch.set_num_threads(n)
-        self.history.append(torch.get_num_threads())
+        self.history[trainer.current_epoch] = torch.get_num_threads()
 
     def on_fit_end(self, trainer, pl_module) -> None:
         if self.start_threads:

@@ -41,6 +41,17 @@ class Phase:
     val: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
     world_size: int = 1  # processes that trained it (trainer=ddp)
+    threads: dict[int, int] = field(default_factory=dict)  # threads=auto: epoch -> torch threads
+
+
+def record_train_threads(results: dict, phase: Phase, name: str = "train") -> None:
+    """``threads=auto``: the torch threads each epoch of a phase trained with, in
+    ``results["job"]["train_threads"][name]``. Different counts change float sums, so two runs
+    (or a run and its resumed copy) that trained under different loads can differ in the last
+    digits; this record says whether they did."""
+    if phase.threads:
+        per_phase = results.setdefault("job", {}).setdefault("train_threads", {})
+        per_phase[name] = {str(epoch): n for epoch, n in sorted(phase.threads.items())}
 
 
 def instantiate_group(group: DictConfig | None) -> list:
@@ -171,6 +182,7 @@ def train_phase(
     if epochs and cap:
         epochs = min(int(epochs), int(cap))
     overrides = {"max_epochs": int(epochs)} if epochs else {}
+    follow = ThreadsFollowLoad() if check_threads(cfg.get("threads")) == "auto" else None
     trainer: pl.Trainer = hydra.utils.instantiate(
         cfg.trainer,
         callbacks=[
@@ -178,7 +190,7 @@ def train_phase(
             last,
             NaNGuard(),
             EpochSeed(cfg.seed, prefix),
-            *([ThreadsFollowLoad()] if check_threads(cfg.get("threads")) == "auto" else []),
+            *([follow] if follow else []),
             *instantiate_group(cfg.get("callbacks")),
             *callbacks,
         ],
@@ -197,7 +209,13 @@ def train_phase(
     if best:  # keep the checkpoint with the best validation score (the MedMNIST protocol)
         module.load_state_dict(lightning_state(best))
         trainer.validate(module, datamodule=datamodule, verbose=False)
-    phase = Phase(module, best, val=dict(module.metrics.get("val", {})), world_size=world_size)
+    phase = Phase(
+        module,
+        best,
+        val=dict(module.metrics.get("val", {})),
+        world_size=world_size,
+        threads=dict(follow.history) if follow else {},
+    )
     if test:
         trainer.test(module, datamodule=datamodule, verbose=False)
         phase.test = dict(module.metrics.get("test", {}))

@@ -23,8 +23,10 @@ from tests.helpers import make_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 # 4 short epochs (3 batches) of a small CNN on the synthetic default data; the trainer default is
-# deterministic
+# deterministic. Threads fixed: a different thread count changes float sums (threads=auto would
+# follow the machine's load, which differs between the reference and the resumed run)
 ARGS = [
+    "threads=1",
     "debug=limit",
     "callbacks=none",
     "trainer.max_epochs=4",
@@ -121,6 +123,21 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path: Path, reference: Path
     run(make_cfg(tmp_path / "unused", [f"resume={out}"]))
     _assert_same_run(out, reference)
     assert not (tmp_path / "unused").exists()
+
+
+def test_a_resumed_threads_auto_run_says_which_threads_each_epoch_used(tmp_path, caplog):
+    """threads=auto cannot promise the uninterrupted run's numbers (the load decides the thread
+    count); the resume says so, and results.json records the epochs this process trained."""
+    out = tmp_path / "run"
+    args = [a for a in ARGS if not a.startswith("threads=")] + ["threads=auto"]
+    with pytest.raises(SimulatedCrash):
+        run(_start(out, [*args, CRASH]))
+    with caplog.at_level("WARNING", logger="medlite.pipeline"):
+        run(make_cfg(tmp_path / "unused", [f"resume={out}"]))
+    assert "threads=auto" in caplog.text and "threads=N resumes bit-identically" in caplog.text
+    used = _results(out)["job"]["train_threads"]["train"]
+    assert list(used) == ["2", "3"]  # killed in epoch 2: epochs 2 and 3 trained after the resume
+    assert all(1 <= n <= (os.cpu_count() or 1) for n in used.values())
 
 
 def _train_py(cwd: Path, args: list[str]) -> subprocess.CompletedProcess:

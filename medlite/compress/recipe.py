@@ -27,7 +27,7 @@ from medlite.compress.structure import StructureError, build_args, save_compress
 from medlite.efficiency import profile_model, profile_settings
 from medlite.errors import ConfigError
 from medlite.run_dirs import is_secondary_rank
-from medlite.training import train_phase
+from medlite.training import record_train_threads, train_phase
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,7 @@ def run_recipe(
                 cfg, model, datamodule, ckpt_dir=out / "checkpoints", loggers=loggers
             )
             results["best_checkpoint"] = relative_to_run(phase.best_checkpoint, out)
+            record_train_threads(results, phase)
             model = phase.module.model
         comp["stages"].append(_stage(cfg, "before", model, datamodule, shape, robust))
         ctx.base_model = frozen_copy(model)
@@ -200,6 +201,7 @@ def run_recipe(
                 callbacks=step.callbacks(),
                 test=False,
             )
+            record_train_threads(results, phase, prefix.rstrip("/"))
             model = phase.module.model
         model = step.finalize(model, ctx)
         comp["steps"].append({"kind": step.kind, "epochs": step.epochs, "report": step.report})
