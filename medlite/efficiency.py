@@ -43,7 +43,8 @@ def note_implementation(op: str, implementation: str) -> None:
 
 
 @contextlib.contextmanager
-def _recording_implementations() -> Iterator[dict[str, set[str]]]:
+def recording_implementations() -> Iterator[dict[str, set[str]]]:
+    """Within the block, the custom ops that ran and their implementations (op -> names)."""
     _extra.implementations = seen = {}
     try:
         yield seen
@@ -213,7 +214,7 @@ def profile_model(
         one = torch.randn(1, *input_shape)
         memory = peak_forward_memory_mb(model, one)  # first, before caches are warm
         macs = known["macs"] if "macs" in known else count_macs(model, one)
-        with _recording_implementations() as seen:
+        with recording_implementations() as seen:
             lat = sorted(latencies or _time_ms(model, one, warmup, repeats))
             batch = torch.randn(throughput_batch, *input_shape)
             t_batch = _time_ms(model, batch, 1, max(3, repeats // 10))

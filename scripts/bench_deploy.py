@@ -62,7 +62,7 @@ def _train_and_export(model: str, size: int, args) -> tuple[Path, dict, dict]:
     overrides.append(f"model.input_size={size}")
     res = run_with_overrides(out, overrides, args.reuse)
     export_file = out / "export" / "export.json"
-    if args.reuse and export_file.is_file():
+    if args.reuse and not args.reexport and export_file.is_file():
         exp = json.loads(export_file.read_text())
     else:
         try:
@@ -86,6 +86,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="outputs/bench_deploy")
     p.add_argument("--reuse", action="store_true", help="reuse finished runs and exports")
+    p.add_argument(
+        "--reexport", action="store_true", help="with --reuse: export the reused runs again"
+    )
     p.add_argument(
         "--table-only",
         action="store_true",

@@ -112,7 +112,11 @@ def test_training_under_load_uses_the_free_cores_and_restores_them(tmp_path):
     try:
         with _Spinners(cpus):
             trainer.fit(Tiny(), DataLoader(data, batch_size=32))
-        assert follow.history == {0: 1, 1: 1, 2: 1}  # every core busy elsewhere: one thread per epoch
+        assert follow.history == {
+            0: 1,
+            1: 1,
+            2: 1,
+        }  # every core busy elsewhere: one thread per epoch
         assert torch.get_num_threads() == cpus  # restored for profiling and export
     finally:
         torch.set_num_threads(old)

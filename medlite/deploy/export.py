@@ -311,8 +311,22 @@ class _Writer:
             return entry | {"opset": onnx_opset(path)}
         if fmt == "openvino_fp32":
             from medlite.deploy import openvino_runtime as openvino
+            from medlite.deploy import openvino_scan
 
-            openvino.convert_onnx(self._source("onnx_fp32"), path, self.metadata)
+            checked = self._source("onnx_fp32")
+            if openvino_scan.uses_selective_scan(self.model, self.example):
+                fused = self.scratch / "model_fused_scan.onnx"
+                nodes = openvino_scan.export_fused_onnx(
+                    self.model, self.example, fused, self.settings.opset
+                )
+                openvino.convert_onnx(fused, path, self.metadata, metadata_from=checked)
+                fused.unlink(missing_ok=True)
+                return {
+                    "source": "the model traced with one medlite selective-scan operation per "
+                    "scan (medlite's C kernel inside OpenVINO)",
+                    "fused_scans": nodes,
+                }
+            openvino.convert_onnx(checked, path, self.metadata)
             return {"source": "converted from the ONNX fp32 file"}
         if fmt == "openvino_int8":
             from medlite.deploy import openvino_runtime as openvino

@@ -53,9 +53,15 @@ def _child(runtime: str, target: str, shape: list[int], batch: int, threads: int
         sys.modules["openvino_telemetry"] = None  # as in openvino_runtime.py: nothing is sent
         import openvino as ov
 
+        core = ov.Core()
+        if 'type="SelectiveScan" version="medlite"' in Path(target).read_text(errors="replace"):
+            # its scans run medlite's kernel (through torch): what deploying it costs
+            from medlite.deploy.openvino_scan import add_scan_extension
+
+            add_scan_extension(core)
         after_import = _status_mb("VmRSS")
         config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
-        request = ov.Core().compile_model(target, "CPU", config).create_infer_request()
+        request = core.compile_model(target, "CPU", config).create_infer_request()
         loaded = _status_mb("VmRSS")
 
         def run(n: int) -> None:

@@ -141,7 +141,8 @@ def _export_dynamo(model: nn.Module, x: torch.Tensor, path: Path, opset: int | N
     )
 
 
-def _export_legacy(model: nn.Module, x: torch.Tensor, path: Path, opset: int | None) -> None:
+def export_legacy_graph(model: nn.Module, x: torch.Tensor, path: Path, opset: int | None) -> None:
+    """The TorchScript exporter's graph of ``model`` at ``x`` (dynamic batch), unchecked."""
     torch.onnx.export(
         model,
         (x,),
@@ -155,7 +156,7 @@ def _export_legacy(model: nn.Module, x: torch.Tensor, path: Path, opset: int | N
     )
 
 
-_EXPORTERS = {"dynamo": _export_dynamo, "legacy": _export_legacy}
+_EXPORTERS = {"dynamo": _export_dynamo, "legacy": export_legacy_graph}
 
 
 def model_metadata(preprocess: dict, task: dict) -> dict[str, str]:

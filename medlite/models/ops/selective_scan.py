@@ -43,7 +43,9 @@ static for a fixed image size); a loop over the steps of a chunk advances all ch
 from a zero state, a loop over the chunks carries the state from chunk to chunk, and each step
 then gets the state it entered its chunk with, decayed by ``exp`` of a (non-positive) cumulative
 sum of log-decays. That is O(L) work in about ``4 sqrt(L)`` graph nodes, and as overflow-free as
-the fast path. Gradients come from autograd.
+the fast path. Gradients come from autograd. Inside :func:`fused_scan_nodes` the legacy ONNX
+exporter writes one ``medlite::SelectiveScan`` node per scan instead, for OpenVINO to run with
+the C kernel (:mod:`medlite.deploy.openvino_scan`).
 """
 
 from __future__ import annotations
@@ -249,6 +251,8 @@ def selective_scan(
     if backend != "mamba_ssm":  # (mamba_ssm checks its own inputs)
         _check_shapes(u, delta, A, B, C, D, z, delta_bias)  # before backend-specific errors
     if backend in ("auto", "native", "fast") and tracing_for_export(u):
+        if _FUSED_NODES["on"] and _fusable(D, z, delta_bias, delta_softplus, return_last_state):
+            return _ScanNode.apply(u, delta, A, B, C, D, delta_bias)
         backend = "export"
     elif backend == "auto":
         if u.is_cuda and mamba_ssm_available():
@@ -265,6 +269,47 @@ def selective_scan(
         return _selective_scan_export(*args)
     kernel = require_native_kernel(u, A.shape[-1]) if backend == "native" else None
     return _selective_scan_fast(*args, chunk_size=chunk_size, kernel=kernel)
+
+
+#: set by :func:`fused_scan_nodes` while a graph with one node per scan is exported
+_FUSED_NODES = {"on": False}
+#: the ONNX node :func:`fused_scan_nodes` emits (a runtime registers its implementation)
+FUSED_NODE_DOMAIN, FUSED_NODE_TYPE = "medlite", "SelectiveScan"
+
+
+@contextlib.contextmanager
+def fused_scan_nodes() -> Iterator[None]:
+    """While the legacy (TorchScript) ONNX exporter runs inside this block, each selective scan
+    becomes one ``medlite::SelectiveScan`` node instead of ~4 sqrt(L) standard ops, for a runtime
+    that runs medlite's C kernel there (:mod:`medlite.deploy.openvino_scan`). The node computes
+    ``selective_scan(u, delta, A, B, C, D, delta_bias=delta_bias, delta_softplus=True)``: what
+    Vim and VMamba call. Other calls (a gate ``z``, no softplus, the last state) stay standard ops.
+    """
+    before = _FUSED_NODES["on"]
+    _FUSED_NODES["on"] = True
+    try:
+        yield
+    finally:
+        _FUSED_NODES["on"] = before
+
+
+def _fusable(D, z, delta_bias, delta_softplus, return_last_state) -> bool:
+    required = D is not None and delta_bias is not None and bool(delta_softplus)
+    return required and z is None and not return_last_state
+
+
+class _ScanNode(torch.autograd.Function):
+    """Export-only: the scan's value while tracing, one custom node in the ONNX graph."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias):
+        return _selective_scan_export(u, delta, A, B, C, D, None, delta_bias, True, False)
+
+    @staticmethod
+    def symbolic(g, u, delta, A, B, C, D, delta_bias):
+        node = g.op(f"{FUSED_NODE_DOMAIN}::{FUSED_NODE_TYPE}", u, delta, A, B, C, D, delta_bias)
+        node.setType(u.type())
+        return node
 
 
 def selective_scan_ref(
