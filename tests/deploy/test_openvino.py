@@ -281,3 +281,31 @@ def test_int8_that_loses_too_much_falls_back_to_mixed_precision(exported_run: Pa
     with torch.no_grad():
         ref = model(x)
     assert (OvModel(tmp_path / "q.xml")(x) - ref).abs().max() < 0.1
+
+
+@needs_openvino
+def test_int8_layer_profile_says_which_kernels_ran_int8(exported_run: Path, capsys):
+    """scripts/profile_int8.py on the exported LiteCNN: the fp32 file runs no int8 kernel, the
+    NNCF int8 file spends most of its layer time in int8 kernels, and the record names layers."""
+    from medlite.deploy.layer_profile import kernel_precision, main
+
+    assert kernel_precision("brgconv_avx512_1x1_I8") == "int8"
+    assert kernel_precision("jit_avx512_f32") == "fp32"
+    assert main([str(exported_run), "--repeats", "5"]) == 0
+    assert "time by precision" in capsys.readouterr().out
+    record = json.loads((exported_run / "export" / "layer_profile.json").read_text())
+    fp32, int8 = record["formats"]["openvino_fp32"], record["formats"]["openvino_int8"]
+    assert "int8" not in fp32["precision_shares"]
+    assert int8["precision_shares"]["int8"] > 0.5
+    assert any(
+        row["type"] == "Convolution" and row["precision"] == "int8" for row in int8["by_type"]
+    )
+    assert all(layer["us"] >= 0 for layer in int8["layers"]) and int8["total_us"] > 0
+
+
+def test_int8_layer_profile_without_openvino_files_is_one_clear_line(exported_run, tmp_path):
+    from medlite.deploy.layer_profile import main
+
+    run_copy = tmp_path / "run"
+    shutil.copytree(exported_run, run_copy, ignore=shutil.ignore_patterns("model_openvino*"))
+    assert main([str(run_copy)]) == 2
