@@ -237,21 +237,31 @@ def compression_table(results: dict) -> Table:
         table.add_column("ECE after T", justify="right")
     if has["corrupted"]:
         table.add_column(f"corrupted {metric_title(record, primary)} (rel.)", justify="right")
+    deployed = any((r.get("efficiency") or {}).get("deployed_latency_ms") for r in comp["stages"])
     for col in (
         "params",
         "MACs (M)",
         "size (MB)",
-        "latency bs1 (ms)",
+        *(["deployed bs1 (ms)"] if deployed else []),
+        "eager bs1 (ms)" if deployed else "latency bs1 (ms)",
         "throughput (img/s)",
     ):
         table.add_column(col, justify="right")
     first = comp["stages"][0].get("efficiency")
     num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+
+    def against_first(eff: dict, key: str) -> str:
+        """The stage's latency and its speed-up over the first stage's, e.g. ``0.41 (2.3x)``."""
+        value = eff.get(key)
+        text = num(value, ".3f")
+        if first and value and first.get(key) and eff is not first:
+            text += f" ({first[key] / value:.1f}x)"
+        return text
+
     for row, tr in zip(comp["stages"], trust, strict=True):
         eff, test = row.get("efficiency") or {}, row.get("test") or {}
-        ratio = ""
-        if first and eff and row is not comp["stages"][0] and eff.get("latency_ms"):
-            ratio = f" ({first['latency_ms'] / eff['latency_ms']:.1f}x)"
+        where = {"pytorch": "eager", "onnxruntime": "ORT"}.get(eff.get("deployed_runtime"), "")
+        deployed_cell = [f"{against_first(eff, 'deployed_latency_ms')} {where}".strip()]
         trust_row = [num(tr[k], ".4f") for k in ("ece", "ece_scaled") if has[k]]
         if has["corrupted"]:
             rel = f" ({tr['relative']:.2f})" if tr["relative"] is not None else ""
@@ -263,7 +273,8 @@ def compression_table(results: dict) -> Table:
             num(eff.get("params"), ","),
             num(eff["macs"] / 1e6 if eff.get("macs") is not None else None, ".2f"),
             num(eff.get("size_mb"), ".3f"),
-            num(eff.get("latency_ms"), ".3f") + ratio,
+            *(deployed_cell if deployed else []),
+            against_first(eff, "latency_ms"),
             num(eff.get("throughput_ips"), ".0f"),
         )
     return table

@@ -92,3 +92,16 @@ def _capture(results: dict) -> str:
     console = Console(width=200, record=True)
     print_summary(results, console)
     return console.export_text()
+
+
+def test_compression_table_ranks_stages_by_deployed_latency_when_measured() -> None:
+    results = _compressed(None, {"auc": 0.9, "acc": 0.8})
+    before, after = (s["efficiency"] for s in results["compression"]["stages"][:2])
+    before |= {"deployed_latency_ms": 1.0, "deployed_runtime": "onnxruntime"}
+    after |= {"latency_ms": 1.9, "deployed_latency_ms": 0.25, "deployed_runtime": "onnxruntime"}
+    text = _render(compression_table(results))
+    assert "deployed bs1 (ms)" in text and "eager bs1 (ms)" in text
+    assert "0.250 (4.0x) ORT" in text  # speed-up over the first stage, deployed against deployed
+    assert "1.900 (1.1x)" in text  # and eager against eager
+    plain = _render(compression_table(_compressed(None, {"auc": 0.9, "acc": 0.8})))
+    assert "deployed" not in plain and "latency bs1 (ms)" in plain  # eager only: as before

@@ -89,9 +89,19 @@ def _stage(
             if summary is not None:
                 row["robustness"] = summary
         if cfg.profile.enabled:
-            row["efficiency"] = profile_model(
-                model, input_shape, **profile_settings(cfg.profile)
-            ).as_dict()
+            settings = profile_settings(cfg.profile)
+            row["efficiency"] = profile_model(model, input_shape, **settings).as_dict()
+            if (cfg.get("export") or {}).get("formats"):  # a deployed run: rank stages deployed
+                from medlite.deploy.stage_latency import stage_deployed_latency
+
+                row["efficiency"] |= stage_deployed_latency(
+                    model,
+                    input_shape,
+                    efficiency=row["efficiency"],
+                    threads=settings.get("threads"),
+                    warmup=settings.get("warmup", 5),
+                    repeats=settings.get("repeats", 30),
+                )
     task = datamodule.task
     log.info(
         "stage %s: %s",

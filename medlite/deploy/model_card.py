@@ -179,6 +179,8 @@ def build_card(run: TrainedRun) -> dict:
                     "trust": trust_cells(s, primary_metric(record)[0]),
                     "size_mb": (s.get("efficiency") or {}).get("size_mb"),
                     "latency_ms": (s.get("efficiency") or {}).get("latency_ms"),
+                    "deployed_latency_ms": (s.get("efficiency") or {}).get("deployed_latency_ms"),
+                    "deployed_runtime": (s.get("efficiency") or {}).get("deployed_runtime"),
                 }
                 for s in comp.get("stages", [])
             ],
@@ -265,18 +267,22 @@ def _stages_table(stages: list[dict], t: dict) -> list[str]:
     ]
     titles = [f"test {metric_title(t, k)}" for k in shown]
     titles += [_TRUST_COLUMNS[k].format(primary=primary) for k in trust]
+    deployed = any(s.get("deployed_latency_ms") for s in stages)
+    latency = ["deployed ms", "runtime", "eager ms"] if deployed else ["latency ms"]
     lines = [
         "## Compression stages",
         "",
-        f"| stage | {' | '.join(titles)} | size MB | latency ms |",
+        f"| stage | {' | '.join(titles)} | size MB | {' | '.join(latency)} |",
     ]
-    lines += ["|---|" + "---|" * (len(titles) + 2)]
+    lines += ["|---|" + "---|" * (len(titles) + 1 + len(latency))]
     for s in stages:
         values = [_fmt(s["test"].get(k)) for k in shown]
         values += [_fmt((s.get("trust") or {}).get(k)) for k in trust]
+        times = [_fmt(s.get("deployed_latency_ms")), s.get("deployed_runtime") or "-"]
+        times = [*times, _fmt(s["latency_ms"])] if deployed else [_fmt(s["latency_ms"])]
         lines.append(
             f"| {s['stage']} | {' | '.join(values)} | {_fmt(s['size_mb'], 2)} | "
-            f"{_fmt(s['latency_ms'])} |"
+            f"{' | '.join(times)} |"
         )
     return lines
 

@@ -292,3 +292,16 @@ def test_compressed_runs_export_their_compressed_model(recipe, exported_run, tmp
     assert rec["formats"]["onnx_fp32"]["parity"]["max_abs_diff"] < 1e-4
     card = (out / "model_card.md").read_text()
     assert "## Compression stages" in card and f"`{recipe}`" in card
+    # a run that exports ranks its stages by deployed latency: each PyTorch stage timed in turns
+    # with its ONNX Runtime export, the faster one kept; the int8 stage is on its runtime already
+    stages = json.loads((out / "results.json").read_text())["compression"]["stages"]
+    for stage in stages:
+        eff = stage["efficiency"]
+        assert eff["deployed_latency_ms"] > 0, stage["stage"]
+        if "deployed" in eff:
+            assert set(eff["deployed"]) == {"pytorch", "onnxruntime"}
+            assert eff["deployed_latency_ms"] == min(eff["deployed"].values())
+            assert eff["deployed_runtime"] == min(eff["deployed"], key=eff["deployed"].get)
+    if recipe == "ptq":
+        int8 = next(s["efficiency"] for s in stages if s["stage"] == "ptq")
+        assert int8["deployed_runtime"] == "onnxruntime" and "deployed" not in int8
