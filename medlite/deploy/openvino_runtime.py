@@ -102,6 +102,35 @@ def _fake_quantize_count(model) -> int:
     return sum(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
 
 
+def _compress_fp32_weights(model) -> tuple[object, int]:
+    """Int8 weights (per channel, dequantised when compiled) for the layers NNCF's quantisation
+    left fp32 because their inputs are not worth quantising (e.g. the 1x1 convolutions of
+    squeeze-excitation blocks, which follow a global pooling): the file shrinks, the
+    activations stay as quantised. LiteCNN at 224 px: 1.27 -> 0.71 MB. Returns the model and
+    how many layers were compressed."""
+    import nncf
+
+    before = _weight_constants(model)
+    level = logging.getLogger("nncf").level
+    nncf.set_log_level(logging.WARNING)  # its statistics table is not ours to print
+    try:
+        model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    finally:
+        nncf.set_log_level(level)
+    return model, max(0, before - _weight_constants(model))
+
+
+def _weight_constants(model) -> int:
+    """fp32 constants feeding convolutions and matrix products: the weights left fp32."""
+    kinds = {"Convolution", "GroupConvolution", "MatMul"}
+    count = 0
+    for op in model.get_ops():
+        if op.get_type_name() == "Constant" and op.get_element_type().get_type_name() == "f32":
+            consumers = op.output(0).get_target_inputs()
+            count += any(c.get_node().get_type_name() in kinds for c in consumers)
+    return count
+
+
 def quantize(
     fp32_path: Path,
     batches: Iterable[torch.Tensor],
@@ -165,6 +194,8 @@ def quantize(
                 "val_int8": after,
                 "val_drop": ref - after,
             }
+    if "mixed_precision" not in entry:  # layers kept fp32 for accuracy keep fp32 weights
+        quantized, entry["weight_only_int8_layers"] = _compress_fp32_weights(quantized)
     _set_metadata(quantized, _raw_metadata(model) | dict(metadata or {}))
     _save(quantized, path)
     return entry

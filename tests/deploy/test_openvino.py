@@ -42,7 +42,10 @@ def test_openvino_files_pass_parity_on_the_test_split(exported_run: Path):
     assert fp32["parity"]["label_agreement"] == 1.0
     assert int8["parity"]["ok"] and int8["parity"]["drop"] <= 0.01
     assert "NNCF" in int8["source"] and int8["calibration_images"] > 0
-    assert int8["size_mb"] < fp32["size_mb"]
+    # LiteCNN's squeeze-excitation convolutions (after a global pooling) stay fp32 in NNCF's
+    # quantisation; their weights are stored int8 all the same, so the file is > 2x smaller
+    assert int8["weight_only_int8_layers"] == 10
+    assert int8["size_mb"] < fp32["size_mb"] / 2
     for fmt in ("openvino_fp32", "openvino_int8"):  # an .xml graph and its .bin weights
         assert all(p.is_file() for p in runtimes.files_of(fmt, exported_run / "export"))
     # the IR explains itself like the ONNX file: same preprocessing, labels, task, temperature
