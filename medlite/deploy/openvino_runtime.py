@@ -1,14 +1,15 @@
 """OpenVINO: Intel's CPU runtime (also fast on AMD x86), fp32 and int8.
 
 The fp32 model is converted from the run's exported ONNX file (so it is the same graph, with
-the temperature and metadata already in it); int8 is NNCF's post-training quantisation of that
-model, calibrated on training images like ONNX Runtime's, or the run's own QDQ int8 file, which
-OpenVINO runs as int8 directly (a QAT run keeps what it learned). An OpenVINO model is two
+the temperature and metadata already in it; a model with selective scans from a trace with one
+fused node per scan, see :mod:`.openvino_scan`); int8 is NNCF's post-training quantisation of
+that model, calibrated on training images like ONNX Runtime's, with int8 weights also for the
+layers it leaves fp32, or the run's own QDQ int8 file, which OpenVINO runs as int8 directly (a
+QAT run keeps what it learned). Models are compiled per input shape (static shapes run faster). An OpenVINO model is two
 files, ``<name>.xml`` (graph, with medlite's metadata in its ``rt_info``) and ``<name>.bin``
 (weights); both are written under temporary names and renamed, the weights first.
 
-Privacy: nothing is sent to Intel (see :mod:`.openvino_import`). Linear-complexity models run
-their selective scans as one medlite operation each (:mod:`.openvino_scan`).
+Privacy: nothing is sent to Intel (see :mod:`.openvino_import`).
 """
 
 from __future__ import annotations

@@ -90,9 +90,10 @@ def test_vim_and_vmamba_in_openvino_match_eager_on_real_images(arch, tmp_path, s
         assert (got - ref).abs().max().item() <= 1e-4
 
 
-def test_a_vim_run_exports_openvino_with_fused_scans(tmp_path: Path):
+def test_a_vim_run_exports_openvino_with_fused_scans(tmp_path: Path, monkeypatch):
     """export=openvino on a Vim run: the fp32 file holds the fused scans and passes the same
-    parity checks as every format; NNCF's int8 quantises around them."""
+    parity checks as every format; NNCF's int8 quantises around them. Where the fused trace
+    fails, the standard-op graph is converted instead, and the record says why."""
     out = tmp_path / "run"
     run(make_cfg(out, ["model=vim", "debug=limit", "callbacks=none", "threads=1",
                        "export=openvino"]))  # fmt: skip
@@ -103,3 +104,16 @@ def test_a_vim_run_exports_openvino_with_fused_scans(tmp_path: Path):
     assert int8["parity"]["ok"]
     onnx = formats["onnx_fp32"]  # the portable ONNX file stays standard ops
     assert onnx["parity"]["ok"] and "fused_scans" not in onnx
+
+    from medlite.deploy import openvino_scan
+    from medlite.deploy.export import ExportSettings, export_run
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no symbolic for this scan")
+
+    monkeypatch.setattr(openvino_scan, "export_fused_onnx", broken)
+    again = export_run(out, ExportSettings(formats=["openvino_fp32"]))["formats"]["openvino_fp32"]
+    assert again["fused_error"] == "RuntimeError: no symbolic for this scan"
+    assert "fused_scans" not in again and again["parity"]["ok"]
+    xml = (out / "export" / "model_openvino.xml").read_text()
+    assert 'version="medlite"' not in xml
