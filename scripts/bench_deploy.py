@@ -136,9 +136,19 @@ def main() -> None:
                     "machine": bench["machine"],
                 }
             )
-            write_json(Path(args.out) / "summary.json", {"runs": summary})  # nothing lost
+            write_json(Path(args.out) / "summary.json", {"runs": _merged(args, summary)})
     if summary:
-        _report(summary, args, console)
+        _report(_merged(args, summary), args, console)
+
+
+def _merged(args, summary: list[dict]) -> list[dict]:
+    """This invocation's entries over those of an earlier summary.json in the same folder: a
+    rerun of some models or sizes replaces their rows and keeps the others (nothing lost)."""
+    path = Path(args.out) / "summary.json"
+    previous = json.loads(path.read_text())["runs"] if path.is_file() else []
+    new = {(s["model"], s["size"]): s for s in summary}
+    kept = [new.pop((s["model"], s["size"]), s) for s in previous]
+    return kept + list(new.values())
 
 
 def _refresh(entry: dict, args) -> dict:
