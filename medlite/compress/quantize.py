@@ -132,13 +132,59 @@ def _preprocess(src: Path, dst: Path) -> str:
             try:
                 with _ort_quiet(), tempfile.TemporaryDirectory() as scratch, _cwd(scratch):
                     quant_pre_process(str(stripped), str(dst), **kwargs)
+                unshare_norm_parameters(dst)
                 return mode
             except Exception as err:  # noqa: BLE001  (the next, lighter attempt may work)
                 log.warning("ORT pre-processing (%s) failed: %s: %s", mode, type(err).__name__, err)
         shutil.copyfile(stripped, dst)
+        unshare_norm_parameters(dst)
         return "skipped"
     finally:
         stripped.unlink(missing_ok=True)
+
+
+#: normalisations whose scale and bias ORT's QDQ quantiser treats as per-node parameters
+_NORMS = {"InstanceNormalization", "LayerNormalization", "BatchNormalization", "GroupNormalization"}
+
+
+def unshare_norm_parameters(path: Path) -> int:
+    """Give every normalisation node its own copy of its scale/bias initializers; returns how
+    many copies were made.
+
+    The dynamo exporter writes a GroupNorm as InstanceNormalization over constant ones/zeros of
+    length ``groups``, one pair shared by every such node; ORT's QDQ quantiser quantises a bias
+    per consumer and, for a shared one, rewires nodes to another tensor's dequantised value (seen
+    on UltraLight VM-UNet at 128/256 px: the int8 file failed to load with "Incompatible
+    dimensions"). Private copies cost a few floats each."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    users: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            users[name] = users.get(name, 0) + 1
+    copies = 0
+    for node in graph.node:
+        if node.op_type not in _NORMS:
+            continue
+        for k, name in enumerate(node.input):
+            if k == 0 or name not in inits or users.get(name, 0) < 2:
+                continue
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[name])
+            copy.name = f"{name}__{node.name or copies}"
+            graph.initializer.append(copy)
+            node.input[k] = copy.name
+            copies += 1
+    if copies:
+        used = {name for node in graph.node for name in node.input}
+        unused = [i for i in graph.initializer if i.name not in used and i.name in users]
+        for init in unused:  # originals every consumer now has a copy of
+            graph.initializer.remove(init)
+        onnx.save_model(proto, str(path))
+    return copies
 
 
 def _calibration_reader(batches: list[torch.Tensor], input_name: str):

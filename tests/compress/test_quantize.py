@@ -380,3 +380,55 @@ def test_int8_file_on_a_full_disk_is_one_error_and_no_file(lite, tmp_path, monke
         step.prepare(copy.deepcopy(model), ctx)
     left = sorted(p.name for p in (tmp_path / "compressed").iterdir())
     assert "model_int8.onnx" not in left and not [n for n in left if ".tmp" in n]
+
+
+def test_shared_normalisation_parameters_get_private_copies(tmp_path) -> None:
+    """Two InstanceNormalization nodes reading one scale/bias pair (how the exporter writes
+    GroupNorms) end with a pair each, the originals gone, and the same outputs."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from medlite.compress.quantize import unshare_norm_parameters
+
+    ones = helper.make_tensor("scale", TensorProto.FLOAT, [2], [1.0, 1.0])
+    zeros = helper.make_tensor("bias", TensorProto.FLOAT, [2], [0.0, 0.5])
+    nodes = [
+        helper.make_node("InstanceNormalization", ["x", "scale", "bias"], ["h"], name="n1"),
+        helper.make_node("InstanceNormalization", ["h", "scale", "bias"], ["y"], name="n2"),
+    ]
+    graph = helper.make_graph(
+        nodes, "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4])],
+        initializer=[ones, zeros],
+    )  # fmt: skip
+    path = tmp_path / "norms.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    x = np.random.default_rng(0).normal(size=(1, 2, 4)).astype(np.float32)
+    before = ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+    assert unshare_norm_parameters(path) == 4
+    proto = onnx.load(str(path))
+    names = [list(n.input[1:]) for n in proto.graph.node]
+    assert len({name for pair in names for name in pair}) == 4  # no parameter shared any more
+    assert {i.name for i in proto.graph.initializer} == {name for pair in names for name in pair}
+    np.testing.assert_allclose(ort.InferenceSession(str(path)).run(None, {"x": x})[0], before)
+    assert unshare_norm_parameters(path) == 0  # nothing left to do
+
+
+def test_ultralight_vmunet_int8_loads_in_onnx_runtime_at_128_px(tmp_path) -> None:
+    """Its GroupNorms share their exported scale/bias; ORT's quantiser then wired a node to the
+    wrong tensor and the int8 file failed to load ("Incompatible dimensions") at 128/256 px."""
+    from medlite.compress.quantize import _preprocess
+    from medlite.deploy.onnx import export_onnx
+
+    torch.manual_seed(0)
+    model = create_model("ultralight_vmunet", num_classes=2, in_chans=3, img_size=128).eval()
+    x = torch.randn(1, 3, 128, 128)
+    export_onnx(model, x, tmp_path / "fp32.onnx")
+    _preprocess(tmp_path / "fp32.onnx", tmp_path / "pre.onnx")
+    step = PostTrainingQuantization()
+    step._quantize(tmp_path / "pre.onnx", tmp_path / "int8.onnx", [torch.randn(2, 3, 128, 128)], [])
+    int8 = OrtModel(tmp_path / "int8.onnx", threads=1)
+    out = int8(x)
+    assert out.shape == (1, 2, 128, 128) and torch.isfinite(out).all()
