@@ -30,14 +30,17 @@ from medlite.models.ops.selective_scan import (
     selective_scan,
 )
 
-#: how an OpenVINO .xml file names the operation (``type="SelectiveScan" version="medlite"``)
-XML_MARK = f'type="{FUSED_NODE_TYPE}" version="{FUSED_NODE_DOMAIN}"'
-
 
 def uses_selective_scan(model: nn.Module, example: torch.Tensor) -> bool:
-    """Whether one forward of ``model`` runs a selective scan (one batch-1 forward, no grad)."""
-    with efficiency.recording_implementations() as seen, torch.no_grad():
-        model(example[:1])
+    """Whether one forward of ``model`` runs a selective scan (one batch-1 forward in eval
+    mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with efficiency.recording_implementations() as seen, torch.no_grad():
+            model(example[:1])
+    finally:
+        model.train(was_training)
     return "selective_scan" in seen
 
 
@@ -45,8 +48,8 @@ def export_fused_onnx(
     model: nn.Module, example: torch.Tensor, path: Path, opset: int | None = None
 ) -> int:
     """``model`` as ONNX with one custom node per selective scan (legacy exporter: the node comes
-    from a ``symbolic``); returns how many nodes are fused. The file is not runnable by ONNX
-    Runtime, only by :func:`convert` below."""
+    from a ``symbolic``); returns how many nodes are fused. ONNX Runtime cannot run the file;
+    OpenVINO converts it with :func:`scan_extensions`."""
     import onnx
 
     from medlite.deploy.onnx import export_legacy_graph
@@ -64,11 +67,6 @@ def export_fused_onnx(
         model.train(was_training)
     graph = onnx.load(str(path), load_external_data=False).graph
     return sum(n.domain == FUSED_NODE_DOMAIN for n in graph.node)
-
-
-def file_has_scan(path: Path) -> bool:
-    """Whether an OpenVINO .xml file holds the custom operation (without parsing the graph)."""
-    return XML_MARK in Path(path).read_text(errors="replace")
 
 
 @functools.lru_cache(maxsize=1)

@@ -24,6 +24,8 @@ from medlite.efficiency import interleaved_latency_ms
 
 log = logging.getLogger(__name__)
 
+_RUNTIMES = {"OrtModel": "onnxruntime", "OvModel": "openvino", "ExModel": "executorch"}
+
 
 def stage_deployed_latency(
     model: nn.Module,
@@ -40,9 +42,10 @@ def stage_deployed_latency(
     if isinstance(model, ExportedModel):  # already on its runtime
         return {
             "deployed_latency_ms": efficiency.get("latency_ms"),
-            "deployed_runtime": "onnxruntime",
+            "deployed_runtime": _RUNTIMES.get(type(model).__name__, type(model).__name__),
         }
     example = torch.zeros(1, *input_shape)
+    was_training = model.training  # the recipe trains this model further: leave it as it was
     old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
@@ -63,6 +66,7 @@ def stage_deployed_latency(
             )
     finally:
         torch.set_num_threads(old)
+        model.train(was_training)
     median = {name: round(statistics.median(t), 4) for name, t in times.items()}
     fastest = min(median, key=median.get)
     return {"deployed_latency_ms": median[fastest], "deployed_runtime": fastest, "deployed": median}
