@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -62,17 +63,22 @@ def layer_times(
     }
     request = runtime.compile_model(model, "CPU", config).create_infer_request()
     x = np.zeros((1, *input_shape), dtype=np.float32)
-    for _ in range(5):  # warm-up
-        request.infer({0: x})
     samples: dict[str, list[float]] = defaultdict(list)
     kinds: dict[str, tuple[str, str]] = {}
-    for _ in range(repeats):
-        request.infer({0: x})
-        for info in request.profiling_info:
-            if info.status.name == "NOT_RUN":
-                continue  # folded into a neighbour's kernel
-            samples[info.node_name].append(info.real_time.total_seconds() * 1e6)
-            kinds[info.node_name] = (info.node_type, info.exec_type)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)  # medlite's fused scan operation runs on torch's threads
+    try:
+        for _ in range(5):  # warm-up
+            request.infer({0: x})
+        for _ in range(repeats):
+            request.infer({0: x})
+            for info in request.profiling_info:
+                if info.status.name == "NOT_RUN":
+                    continue  # folded into a neighbour's kernel
+                samples[info.node_name].append(info.real_time.total_seconds() * 1e6)
+                kinds[info.node_name] = (info.node_type, info.exec_type)
+    finally:
+        torch.set_num_threads(old)
     return [
         LayerTime(name, kinds[name][0], kinds[name][1], kernel_precision(kinds[name][1]),
                   statistics.median(times))
