@@ -416,6 +416,7 @@ def test_shared_normalisation_parameters_get_private_copies(tmp_path) -> None:
     assert unshare_norm_parameters(path) == 0  # nothing left to do
 
 
+@pytest.mark.slow  # ~35 s: the export of a Mamba U-Net at 128 px (the graph check above is fast)
 def test_ultralight_vmunet_int8_loads_in_onnx_runtime_at_128_px(tmp_path) -> None:
     """Its GroupNorms share their exported scale/bias; ORT's quantiser then wired a node to the
     wrong tensor and the int8 file failed to load ("Incompatible dimensions") at 128/256 px."""

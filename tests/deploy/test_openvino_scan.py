@@ -4,6 +4,7 @@ with the outputs of the reference scan and of eager Vim / VMamba."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -90,14 +91,25 @@ def test_vim_and_vmamba_in_openvino_match_eager_on_real_images(arch, tmp_path, s
         assert (got - ref).abs().max().item() <= 1e-4
 
 
-def test_a_vim_run_exports_openvino_with_fused_scans(tmp_path: Path, monkeypatch):
+@pytest.fixture(scope="module")
+def vim_run(tmp_path_factory) -> Path:
+    """A Vim run (debug size) exported with export=openvino."""
+    base = tmp_path_factory.getbasetemp()
+    out = tmp_path_factory.mktemp("vim") / "run"
+    with pytest.MonkeyPatch.context() as mp:  # conftest's isolation, for a module fixture
+        mp.setenv("MEDLITE_CACHE_DIR", str(base / "medlite-cache"))
+        for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+            mp.setenv(var, str(base / "wandb"))
+        mp.setenv("WANDB_MODE", "offline")
+        run(make_cfg(out, ["model=vim", "debug=limit", "callbacks=none", "threads=1",
+                           "export=openvino"]))  # fmt: skip
+    return out
+
+
+def test_a_vim_run_exports_openvino_with_fused_scans(vim_run: Path):
     """export=openvino on a Vim run: the fp32 file holds the fused scans and passes the same
-    parity checks as every format; NNCF's int8 quantises around them. Where the fused trace
-    fails, the standard-op graph is converted instead, and the record says why."""
-    out = tmp_path / "run"
-    run(make_cfg(out, ["model=vim", "debug=limit", "callbacks=none", "threads=1",
-                       "export=openvino"]))  # fmt: skip
-    formats = json.loads((out / "export" / "export.json").read_text())["formats"]
+    parity checks as every format; NNCF's int8 quantises around them."""
+    formats = json.loads((vim_run / "export" / "export.json").read_text())["formats"]
     fp32, int8 = formats["openvino_fp32"], formats["openvino_int8"]
     assert fp32["fused_scans"] == 4  # Vim's default depth
     assert fp32["parity"]["ok"] and fp32["parity"]["max_abs_diff"] <= 1e-4
@@ -105,8 +117,16 @@ def test_a_vim_run_exports_openvino_with_fused_scans(tmp_path: Path, monkeypatch
     onnx = formats["onnx_fp32"]  # the portable ONNX file stays standard ops
     assert onnx["parity"]["ok"] and "fused_scans" not in onnx
 
+
+@pytest.mark.slow  # a second export of the run (~15 s)
+def test_a_failed_fused_trace_falls_back_to_standard_ops(vim_run: Path, tmp_path, monkeypatch):
+    """Where the fused trace fails, the standard-op graph is converted instead, and the record
+    says why."""
     from medlite.deploy import openvino_scan
     from medlite.deploy.export import ExportSettings, export_run
+
+    out = tmp_path / "run"
+    shutil.copytree(vim_run, out)  # the module's run keeps its fused file
 
     def broken(*args, **kwargs):
         raise RuntimeError("no symbolic for this scan")
