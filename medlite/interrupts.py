@@ -35,6 +35,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from medlite.signal_stack import disable_dangling_altstack
+
 #: signals that stop a run anywhere
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: the pre-emption / time-limit warnings of SLURM jobs (``--signal=USR1@90``; submitit: USR2)
@@ -95,6 +97,7 @@ def stop_on_signals() -> Iterator[None]:
         yield
         return
     _first_signal.clear()
+    disable_dangling_altstack()  # else a signal after an OpenVINO export crashes the process
     previous = {s: signal.signal(s, _raise) for s in handled_signals()}
     try:
         yield

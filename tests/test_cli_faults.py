@@ -285,11 +285,6 @@ def test_a_signal_mid_epoch_is_recorded_and_gives_its_exit_status(
     """In-process, with SIGINT inherited as ignored: the signal stops the fit mid-epoch at
     once, results.json says failed (naming the signal), the previous epoch's last.ckpt is
     kept, the exit status is 128 + signal, and the process's handlers are restored."""
-    if "nncf" in sys.modules:  # checked when it runs: an earlier test may have loaded it
-        pytest.skip(
-            "known bug, not fixed: after an NNCF/OpenVINO int8 export in the same process, a "
-            "signal during a later fit segfaults it (this test is in-process; run it alone)"
-        )
     from medlite.cli import train
     from tests.helpers import make_cfg
 

@@ -14,6 +14,7 @@ Privacy: nothing is sent to Intel (see :mod:`.openvino_import`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -50,8 +51,11 @@ def _save(model, path: Path) -> None:
         os.replace(staged, path)
 
 
+@functools.lru_cache(maxsize=1)
 def core():
-    """An ``ov.Core`` that also reads medlite's fused selective scan."""
+    """The process's one ``ov.Core``, which also reads medlite's fused selective scan. One,
+    never destroyed: cores destroyed out of order leave the thread a freed alternate signal
+    stack (see :mod:`medlite.signal_stack`)."""
     ov = import_openvino()
     made = ov.Core()
     add_scan_extension(made)
