@@ -48,19 +48,12 @@ def layer_times(
 ) -> list[LayerTime]:
     """Per executed layer of the OpenVINO model ``path`` at batch 1 (the shape ``(1,
     *input_shape)``, compiled static as medlite runs it): median time over ``repeats``."""
-    from medlite.deploy.openvino_runtime import core
+    from medlite.deploy.openvino_runtime import compile_config, core
 
     runtime = core()
     model = runtime.read_model(str(path))
     model.reshape({0: [1, *input_shape]})
-    config = {
-        "PERF_COUNT": True,
-        "INFERENCE_NUM_THREADS": threads,
-        "NUM_STREAMS": 1,
-        "PERFORMANCE_HINT": "LATENCY",
-        "ENABLE_CPU_PINNING": False,
-        "INFERENCE_PRECISION_HINT": "f32",
-    }
+    config = compile_config(threads) | {"PERF_COUNT": True}  # as medlite runs it, counted
     request = runtime.compile_model(model, "CPU", config).create_infer_request()
     x = np.zeros((1, *input_shape), dtype=np.float32)
     samples: dict[str, list[float]] = defaultdict(list)

@@ -206,6 +206,18 @@ def quantize(
     return entry
 
 
+def compile_config(threads: int) -> dict:
+    """How medlite compiles for the CPU: latency, one stream, threads not pinned, f32."""
+    return {
+        "INFERENCE_NUM_THREADS": threads,
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+        "ENABLE_CPU_PINNING": False,
+        # OpenVINO's default on CPUs with bf16 instructions is bf16: fp32 means fp32
+        "INFERENCE_PRECISION_HINT": "f32",
+    }
+
+
 class OvModel(ExportedModel):
     """An OpenVINO model as an ``nn.Module`` (see :class:`ExportedModel`): float32 logits for any
     batch size, on CPU.
@@ -255,15 +267,7 @@ class OvModel(ExportedModel):
                 self._requests.clear()
             model = self._model.clone()
             model.reshape({0: list(shape)})
-            config = {
-                "INFERENCE_NUM_THREADS": n,
-                "NUM_STREAMS": 1,
-                "PERFORMANCE_HINT": "LATENCY",
-                "ENABLE_CPU_PINNING": False,
-                # OpenVINO's default on CPUs with bf16 instructions is bf16: fp32 means fp32
-                "INFERENCE_PRECISION_HINT": "f32",
-            }
-            compiled = self._core.compile_model(model, "CPU", config)
+            compiled = self._core.compile_model(model, "CPU", compile_config(n))
             request = self._requests[shape] = compiled.create_infer_request()
         return request
 
