@@ -4,6 +4,7 @@ the embedded synthetic sets, source and config errors."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import medmnist
@@ -295,8 +296,10 @@ def test_sources_check_their_settings_before_reading(tmp_path, make, match):
     assert not (tmp_path / "nothing-here").exists()
 
 
-def test_synthetic_volumes_are_served_as_volumes(tmp_path):
-    dm = DataModule(SyntheticSource("synthlesion3d", cache_dir=str(tmp_path)), batch_size=4)
+def test_synthetic_volumes_are_served_as_volumes():
+    dm = DataModule(
+        SyntheticSource("synthlesion3d", cache_dir=os.environ["MEDLITE_CACHE_DIR"]), batch_size=4
+    )
     dm.setup()
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 1, 28, 28, 28) and dm.input_shape == (1, 28, 28, 28)

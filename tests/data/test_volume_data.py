@@ -4,6 +4,7 @@ preprocessing and augmentation, and the 2D/3D model-data check."""
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -59,8 +60,8 @@ def test_medmnist_3d_size_checked():
         MedMNISTSource("adrenalmnist3d", size=128)
 
 
-def test_synthetic_3d_default_is_volumes(tmp_path):
-    src = SyntheticSource("synthlesion3d", size=28, cache_dir=str(tmp_path))
+def test_synthetic_3d_default_is_volumes():
+    src = SyntheticSource("synthlesion3d", size=28, cache_dir=os.environ["MEDLITE_CACHE_DIR"])
     splits = src.load()
     assert src.info.spatial_dims == 3 and src.info.synthetic
     x = splits["train"].images
