@@ -3,7 +3,9 @@ of ``published.yaml`` they are judged against.
 
 A recipe is a Hydra experiment config (``experiment=paper/<source>/<dataset>/<method>``) whose
 ``reproduce`` block states, machine-readably, what it reproduces (source, method, dataset), the
-paper's protocol and how we deviate from it. Reading it needs no Hydra: the block is merged from
+paper's protocol and how we deviate from it. A source of ``kind: claim`` (the review's
+"compression keeps diagnostic performance") has no numbers: its recipes are compression runs,
+judged against their own uncompressed model. Reading it needs no Hydra: the block is merged from
 the recipe file and the protocol file its defaults list names, so ``--list`` is instant.
 """
 
@@ -58,6 +60,21 @@ class Recipe:
 
     def method_title(self) -> str:
         return source_info(self.source).get("methods", {}).get(self.method, self.method)
+
+    @property
+    def is_claim(self) -> bool:
+        """A claim (its source has ``kind: claim``) is judged against the uncompressed model of
+        the same run, not against a published number."""
+        return source_info(self.source).get("kind") == "claim"
+
+    def metrics(self) -> list[str]:
+        """The metrics this recipe is judged on: its published numbers', or its claim's."""
+        entry = self.published()
+        return (
+            [str(m) for m in entry.get("metrics") or []]
+            if self.is_claim
+            else list(published_metrics(entry))
+        )
 
 
 def _load_yaml(path: Path) -> dict:

@@ -33,8 +33,86 @@ def budget_label(quick: bool, overrides: Sequence[str]) -> str:
     return f"{QUICK_LABEL}, {changed}" if quick else f"{changed} (not the paper's protocol)"
 
 
+def _scores(runs: Sequence[RunRecord], metric: str) -> list[float]:
+    return [
+        float(r.results["test"][metric])
+        for r in runs
+        if isinstance((r.results.get("test") or {}).get(metric), (int, float))
+    ]
+
+
+def stage_pair(results: dict) -> tuple[dict, dict] | None:
+    """A compression run's uncompressed stage (the dense model before the steps, or KD's
+    teacher: always the first) and its compressed one (the last)."""
+    stages = (results.get("compression") or {}).get("stages") or []
+    return (stages[0], stages[-1]) if len(stages) >= 2 else None
+
+
+def _published_cells(runs: Sequence[RunRecord], recipe: Recipe, tolerance: float) -> dict:
+    """Ours (mean ± std over seeds) against each published number: within ± tolerance."""
+    cells = {}
+    for metric, published in published_metrics(recipe.published()).items():
+        mean, std = mean_std(_scores(runs, metric))
+        diff = None if mean is None else mean - published
+        cells[metric] = {
+            "ours": mean,
+            "std": std,
+            "published": published,
+            "diff": diff,
+            "within": None if diff is None else abs(diff) <= tolerance + 1e-9,
+            "band": (published - tolerance, published + tolerance),
+        }
+    return cells
+
+
+def _claim_cells(pairs: Sequence[tuple[dict, dict]], recipe: Recipe, tolerance: float) -> dict:
+    """The compressed model against the uncompressed one of the same run: Δ is the mean paired
+    difference, and the claim holds when it loses at most ``tolerance`` (a gain always holds)."""
+    cells = {}
+    for metric in recipe.metrics():
+        both = [
+            (float(a["test"][metric]), float(b["test"][metric]))
+            for a, b in pairs
+            if isinstance((a.get("test") or {}).get(metric), (int, float))
+            and isinstance((b.get("test") or {}).get(metric), (int, float))
+        ]
+        mean, std = mean_std([after for _, after in both])
+        base, _ = mean_std([before for before, _ in both])
+        diff, _ = mean_std([after - before for before, after in both])
+        cells[metric] = {
+            "ours": mean,
+            "std": std,
+            "published": base,
+            "diff": diff,
+            "within": None if diff is None else diff >= -tolerance - 1e-9,
+            "band": None if base is None else (base - tolerance, base),
+        }
+    return cells
+
+
+def _cost_cut(pairs: Sequence[tuple[dict, dict]]) -> dict:
+    """How many times smaller / fewer / faster the compressed model is (mean over seeds).
+
+    Latency compares deployed latencies where both stages have one (a run with export on times
+    every stage on its best runtime), so an int8 file is not credited with ONNX Runtime's lead
+    over eager PyTorch; otherwise the profiled latencies (``latency_basis`` says which)."""
+    effs = [(a.get("efficiency") or {}, b.get("efficiency") or {}) for a, b in pairs]
+    deployed = bool(effs) and all(
+        a.get("deployed_latency_ms") and b.get("deployed_latency_ms") for a, b in effs
+    )
+    cut: dict = {"latency_basis": "deployed" if deployed else "profiled"}
+    latency = "deployed_latency_ms" if deployed else "latency_ms"
+    for key, name in (("size_mb", "size"), ("macs", "macs"), (latency, "latency")):
+        ratios = [float(a[key]) / float(b[key]) for a, b in effs if a.get(key) and b.get(key)]
+        cut[name], _ = mean_std(ratios)
+    if deployed:
+        cut["latency_ms"], _ = mean_std([float(b[latency]) for _, b in effs])
+    return cut
+
+
 def summarise(records: Sequence[RunRecord]) -> list[dict]:
-    """One row per recipe (in the order run): seeds, ours vs published per metric, cost."""
+    """One row per recipe (in the order run): seeds, ours vs published (or, for a claim, vs the
+    same runs' uncompressed model) per metric, cost."""
     by_recipe: dict[str, list[RunRecord]] = {}
     for rec in records:
         by_recipe.setdefault(rec.recipe.id, []).append(rec)
@@ -44,37 +122,42 @@ def summarise(records: Sequence[RunRecord]) -> list[dict]:
         entry = recipe.published()
         tolerance = float(source_info(recipe.source).get("tolerance", 0.02))
         ok = [r for r in runs if r.ok]
+        errors = [f"seed {r.seed}: {r.error}" for r in runs if not r.ok]
+        pairs = []
+        if recipe.is_claim:
+            for r in ok:
+                pair = stage_pair(r.results)
+                if pair is None:
+                    errors.append(f"seed {r.seed}: the run has no compression stages to compare")
+                else:
+                    pairs.append(pair)
         row: dict = {
             "recipe": recipe.id,
+            "kind": "claim" if recipe.is_claim else "published",
+            "source": recipe.source,
             "dataset": recipe.dataset,
             "method": recipe.method_title(),
             "seeds": [r.seed for r in ok],
             "n": len(ok),
             "n_failed": len(runs) - len(ok),
             "reused": sum(r.reused for r in ok),
-            "errors": [f"seed {r.seed}: {r.error}" for r in runs if not r.ok],
+            "errors": errors,
             "tolerance": tolerance,
             "check": entry.get("check", ""),
             "task": next((r.results["task"] for r in ok if r.results.get("task")), None),
+            "cost_cut": _cost_cut(pairs) if recipe.is_claim else None,
         }
-        for metric, published in published_metrics(entry).items():
-            values = [
-                float(r.results["test"][metric])
-                for r in ok
-                if isinstance((r.results.get("test") or {}).get(metric), (int, float))
-            ]
-            mean, std = mean_std(values)
-            diff = None if mean is None else mean - published
-            row[metric] = {
-                "ours": mean,
-                "std": std,
-                "published": published,
-                "diff": diff,
-                "within": None if diff is None else abs(diff) <= tolerance + 1e-9,
-            }
+        cells = (
+            _claim_cells(pairs, recipe, tolerance)
+            if recipe.is_claim
+            else _published_cells(ok, recipe, tolerance)
+        )
+        row.update(cells)
         eff = [r.results.get("efficiency") or {} for r in ok]
         for key in ("params", "macs", "latency_ms"):
             row[key], _ = mean_std([float(e[key]) for e in eff if e.get(key) is not None])
+        if (row["cost_cut"] or {}).get("latency_basis") == "deployed":
+            row["latency_ms"] = row["cost_cut"]["latency_ms"]
         row["wall_time_s"], _ = mean_std(
             [float(r.results["wall_time_s"]) for r in ok if r.results.get("wall_time_s")]
         )
@@ -101,39 +184,44 @@ def _verdict(cell: dict) -> str:
     return "–" if cell["within"] is None else ("yes" if cell["within"] else "no")
 
 
-def markdown(rows: Sequence[dict], title: str, budget: str) -> str:
+def _ratio(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}×"
+
+
+_EMPTY = {"ours": None, "std": None, "published": None, "diff": None, "within": None}
+
+
+def _table(rows: Sequence[dict], claim: bool) -> list[str]:
+    """One Markdown table: published rows, or claim rows (reference = uncompressed model)."""
     metrics, task = metrics_of(rows), task_of(rows)
-    sources = sorted({r["recipe"].split("/")[1] for r in rows})
-    out = [f"# Reproduction: {title}", "", f"Budget: **{budget}**. Ours: test split, mean ± "
-           "sample std over the seeds that finished (n). Published: the source's number "
-           "(medlite/reproduce/published.yaml). Within: |ours − published| ≤ the source's "
-           "tolerance. Cost: params, MACs and batch-1 CPU latency of the trained model, wall "
-           "time per run on this machine.", ""]  # fmt: skip
     head = ["recipe", "n"]
     for m in metrics:
         t = metric_label(m, task)
-        head += [f"{t} ours", f"{t} published", "Δ", "within"]
+        head += (
+            [f"{t} compressed", f"{t} uncompressed", "Δ", "kept"]
+            if claim
+            else [f"{t} ours", f"{t} published", "Δ", "within"]
+        )
+    if claim:
+        head += ["size cut", "MACs cut", "latency cut"]
     head += ["params", "MACs", "latency (ms)", "wall time / run"]
-    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
             f"{r['dataset']} {r['method']}",
             f"{r['n']}" + (f" ({r['n_failed']} failed)" if r["n_failed"] else ""),
         ]
         for m in metrics:
-            c = r.get(m) or {
-                "ours": None,
-                "std": None,
-                "published": None,
-                "diff": None,
-                "within": None,
-            }
+            c = r.get(m) or _EMPTY
             cells += [
                 format_pm(c["ours"], c["std"]),
                 format_float(c["published"], 3),
                 _signed(c["diff"]),
                 _verdict(c),
             ]
+        if claim:
+            cut = r.get("cost_cut") or {}
+            cells += [_ratio(cut.get(k)) for k in ("size", "macs", "latency")]
         wall = "–" if r["wall_time_s"] is None else f"{r['wall_time_s'] / 60:.1f} min"
         cells += [
             format_count(r["params"]),
@@ -142,6 +230,32 @@ def markdown(rows: Sequence[dict], title: str, budget: str) -> str:
             wall,
         ]
         out.append("| " + " | ".join(cells) + " |")
+    return out
+
+
+def markdown(rows: Sequence[dict], title: str, budget: str) -> str:
+    task = task_of(rows)
+    published = [r for r in rows if r.get("kind") != "claim"]
+    claims = [r for r in rows if r.get("kind") == "claim"]
+    sources = sorted({r["source"] for r in published})
+    claim_sources = sorted({r["source"] for r in claims})
+    out = [f"# Reproduction: {title}", "", f"Budget: **{budget}**."]
+    if published:
+        out += ["", "Ours: test split, mean ± sample std over the seeds that finished (n). "
+                "Published: the source's number (medlite/reproduce/published.yaml). Within: "
+                "|ours − published| ≤ the source's tolerance. Cost: params, MACs and batch-1 CPU "
+                "latency of the trained model, wall time per run on this machine.", ""]  # fmt: skip
+        out += _table(published, claim=False)
+    if claims:
+        out += ["", "Claims: each compression run against its own uncompressed model (the dense "
+                "model trained first, or the KD teacher), same data and seed. Compressed: test "
+                "split, mean ± sample std over the seeds that finished (n); uncompressed: its "
+                "mean; Δ: the mean paired difference; kept: the compressed model lost at most "
+                "the tolerance. Cut: uncompressed ÷ compressed size, MACs and batch-1 CPU latency, "
+                "mean over seeds; latency is deployed latency (each stage on its fastest runtime: "
+                "eager PyTorch or ONNX Runtime, an int8 stage as its int8 file) when the runs "
+                "exported, else eager. Params, MACs and latency: the compressed model.", ""]  # fmt: skip
+        out += _table(claims, claim=True)
     out += ["", "## Sources", ""]
     for s in sources:
         info = source_info(s)
@@ -150,8 +264,17 @@ def markdown(rows: Sequence[dict], title: str, budget: str) -> str:
                    f"{info.get('table', '')}; {info.get('averaged_over', '')}; tolerance ±{tol}.")  # fmt: skip
         for metric, text in (info.get("metrics") or {}).items():
             out.append(f"  - {metric_label(metric, task)}: {text}")
-    out += ["", "## How each published number was checked", ""]
-    out += [f"- {r['dataset']} {r['method']}: {r['check']}" for r in rows]
+    for s in claim_sources:
+        info = source_info(s)
+        out.append(f"- **{s}** (a claim): {info.get('citation', '')}. Claim: "
+                   f"{info.get('claim', '')}; reference: {info.get('baseline', '')}; "
+                   f"{info.get('averaged_over', '')}; an allowed loss of "
+                   f"{info.get('tolerance')}.")  # fmt: skip
+        for metric, text in (info.get("metrics") or {}).items():
+            out.append(f"  - {metric_label(metric, task)}: {text}")
+    if published:
+        out += ["", "## How each published number was checked", ""]
+        out += [f"- {r['dataset']} {r['method']}: {r['check']}" for r in published]
     failed = [(r["recipe"], e) for r in rows for e in r["errors"]]
     if failed:
         out += ["", "## Failed runs", "", "| recipe | error |", "|---|---|"]
@@ -159,7 +282,7 @@ def markdown(rows: Sequence[dict], title: str, budget: str) -> str:
     return "\n".join(out) + "\n"
 
 
-CSV_FIELDS = ("recipe", "dataset", "method", "n", "n_failed", "seeds")
+CSV_FIELDS = ("recipe", "kind", "dataset", "method", "n", "n_failed", "seeds")
 
 
 def csv_text(rows: Sequence[dict]) -> str:
@@ -167,6 +290,7 @@ def csv_text(rows: Sequence[dict]) -> str:
     fields = [*CSV_FIELDS]
     for m in metrics:
         fields += [f"{m}_ours", f"{m}_std", f"{m}_published", f"{m}_diff", f"{m}_within"]
+    fields += ["size_cut", "macs_cut", "latency_cut"]
     fields += ["params", "macs", "latency_ms", "wall_time_s", "errors"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields)
@@ -178,6 +302,8 @@ def csv_text(rows: Sequence[dict]) -> str:
             c = r.get(m) or {}
             for key in ("ours", "std", "published", "diff", "within"):
                 flat[f"{m}_{key}"] = c.get(key)
+        cut = r.get("cost_cut") or {}
+        flat.update({f"{k}_cut": cut.get(k) for k in ("size", "macs", "latency")})
         flat.update({k: r[k] for k in ("params", "macs", "latency_ms", "wall_time_s")})
         flat["errors"] = " / ".join(r["errors"])
         writer.writerow({k: "" if v is None else v for k, v in flat.items()})
@@ -185,7 +311,8 @@ def csv_text(rows: Sequence[dict]) -> str:
 
 
 def plot(rows: Sequence[dict], path: Path, budget: str) -> Path | None:
-    """Ours (mean ± std) beside the published number, one panel per metric."""
+    """Ours (mean ± std) beside the published number (or a claim's uncompressed model) and its
+    tolerance band, one panel per metric."""
     from matplotlib.figure import Figure
 
     metrics, task = metrics_of(rows), task_of(rows)
@@ -195,21 +322,22 @@ def plot(rows: Sequence[dict], path: Path, budget: str) -> Path | None:
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     labels = [f"{r['dataset']} {r['method']}" for r in rows]
     ys = list(range(len(rows)))[::-1]
+    kinds = {r.get("kind") for r in rows}
+    reference = (
+        "uncompressed (claim: loses ≤ tolerance)"
+        if kinds == {"claim"}
+        else "reference ± tolerance"
+        if "claim" in kinds
+        else "published ± tolerance"
+    )
     for ax, m in zip(axes, metrics, strict=True):
         for y, r in zip(ys, rows, strict=True):
             c = r.get(m) or {}
             if c.get("published") is not None:
-                tol = r["tolerance"]
-                ax.plot([c["published"] - tol, c["published"] + tol], [y, y], color="0.8", lw=6,
-                        solid_capstyle="butt", zorder=1)  # fmt: skip
-                ax.plot(
-                    c["published"],
-                    y,
-                    "kx",
-                    ms=7,
-                    zorder=3,
-                    label="published ± tolerance" if y == ys[0] else None,
-                )
+                ax.plot(list(c["band"]), [y, y], color="0.8", lw=6, solid_capstyle="butt",
+                        zorder=1)  # fmt: skip
+                ax.plot(c["published"], y, "kx", ms=7, zorder=3,
+                        label=reference if y == ys[0] else None)  # fmt: skip
             if c.get("ours") is not None:
                 ax.errorbar(c["ours"], y, xerr=c.get("std") or 0, fmt="o", color="tab:blue", capsize=3,
                             zorder=4, label="ours (mean ± std)" if y == ys[0] else None)  # fmt: skip

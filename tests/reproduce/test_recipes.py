@@ -11,14 +11,17 @@ from medlite.errors import ConfigError
 from medlite.reproduce import recipes as rc
 from medlite.tasks import BINARY, ClassificationTask
 
-RECIPES = rc.discover()
+ALL = rc.discover()
+#: the MedMNIST v2 table's recipes (published numbers); the review's claims are checked below
+RECIPES = [r for r in ALL if r.source == "medmnist_v2"]
+CLAIMS = [r for r in ALL if r.is_claim]
 
 
 @pytest.fixture(scope="module")
 def composed() -> dict:
     """Every recipe's composed train config (Hydra, as ``train.py experiment=<id>`` builds it)."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return {r.id: compose("train", overrides=[f"experiment={r.id}"]) for r in RECIPES}
+        return {r.id: compose("train", overrides=[f"experiment={r.id}"]) for r in ALL}
 
 
 def test_every_medmnist_v2_row_has_a_recipe() -> None:
@@ -54,6 +57,10 @@ def test_protocol_is_what_the_run_uses(recipe: rc.Recipe, composed: dict) -> Non
 
 
 def test_published_numbers_cover_every_recipe_and_nothing_else() -> None:
+    for r in CLAIMS:  # a claim names its metrics and has no numbers
+        entry = r.published()
+        assert entry["metrics"] == ["auc", "acc"] and not rc.published_metrics(entry)
+        assert entry["check"].startswith("claim") and r.metrics() == ["auc", "acc"]
     for r in RECIPES:
         entry = r.published()
         numbers = rc.published_metrics(entry)
@@ -67,7 +74,7 @@ def test_published_numbers_cover_every_recipe_and_nothing_else() -> None:
         for dataset, by_method in by_dataset.items()
         for method in by_method
     }
-    assert listed == {(r.source, r.dataset, r.method) for r in RECIPES}  # no orphan numbers
+    assert listed == {(r.source, r.dataset, r.method) for r in ALL}  # no orphan numbers
 
 
 def test_every_source_states_its_provenance() -> None:
@@ -86,3 +93,31 @@ def test_a_name_selects_a_recipe_or_a_group() -> None:
     assert len(rc.select("medmnist_v2")) == 48
     with pytest.raises(ConfigError, match="no recipe or group 'medmnist_v2/breast'.*groups"):
         rc.select("medmnist_v2/breast")
+
+
+def test_every_compression_family_has_a_claim_recipe() -> None:
+    families = {"ptq", "qat", "prune", "kd", "lowrank", "prune_kd_ptq"}
+    assert {r.id for r in CLAIMS} == {f"paper/review/compression/breastmnist/{m}" for m in families}
+    assert {r.id for r in rc.select("review/compression/breastmnist")} == {r.id for r in CLAIMS}
+    assert all(r.trials == 3 and r.source == "review_compression" for r in CLAIMS)
+
+
+@pytest.mark.parametrize("recipe", CLAIMS, ids=lambda r: r.id.removeprefix("paper/"))
+def test_claim_protocol_is_what_the_run_uses(recipe: rc.Recipe, composed: dict) -> None:
+    cfg, p = composed[recipe.id], recipe.protocol
+    assert cfg.model.name == p["network"] == "litecnn"
+    assert (cfg.model.get("input_size") or cfg.data.size) == p["input_size"]
+    assert (3 if cfg.data.as_rgb else 1) == p["channels"]
+    assert cfg.trainer.max_epochs == p["epochs"]
+    assert cfg.compress.name == p["compress"] == recipe.method
+    assert list(cfg.export.formats) == ["onnx_fp32", "onnx_int8"] and p["export"] == "onnx"
+    assert cfg.data.name == recipe.dataset and cfg.reproduce.dataset == recipe.dataset
+
+
+def test_the_claim_source_states_what_it_claims() -> None:
+    info = rc.source_info("review_compression")
+    assert info["kind"] == "claim" and info["tolerance"] == 0.01
+    for key in ("citation", "claim", "baseline", "table", "averaged_over"):
+        assert info.get(key), key
+    assert set(info["metrics"]) == {"auc", "acc"}
+    assert set(info["methods"]) == {r.method for r in CLAIMS}
