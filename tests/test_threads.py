@@ -59,19 +59,24 @@ def test_busy_processes_take_threads_away():
 def test_this_process_own_work_is_not_load():
     """What this process (and its children) computes is subtracted: a training loop busy on its
     own threads must not talk itself down to fewer threads."""
-    from medlite.threads import _cpu_jiffies
+    from medlite.threads import _cpu_jiffies, _own_jiffies
 
     meter = LoadMeter()
-    before = _cpu_jiffies()
+    before, own_before = _cpu_jiffies(), _own_jiffies()
     end = time.perf_counter() + 0.6
     x = 0
     while time.perf_counter() < end:  # one core of our own work
         x += 1
-    after = _cpu_jiffies()
-    everything = (after[0] - before[0]) / ((after[1] - before[1]) / meter.cpus)
+    after, own_after = _cpu_jiffies(), _own_jiffies()
+    per_cpu = (after[1] - before[1]) / meter.cpus
+    everything = (after[0] - before[0]) / per_cpu
+    own = (own_after - own_before) / per_cpu
     others = meter.others_busy()
-    assert everything >= 0.8  # the machine saw our core busy...
-    assert others is not None and others <= everything - 0.7  # ...and the meter took it out
+    # our spinning was counted as ours (a whole core on an idle machine, less when other
+    # processes share the cores: the assertions hold on a loaded machine too) ...
+    assert own >= 0.4
+    # ... and the meter took exactly it out of the machine's busy time
+    assert others is not None and others == pytest.approx(max(0.0, everything - own), abs=0.25)
 
 
 @linux
