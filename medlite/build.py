@@ -18,7 +18,7 @@ from medlite.data.datamodule import DataModule
 from medlite.data.sources import DataSource
 from medlite.errors import ConfigError
 from medlite.models import create_model
-from medlite.models.adapters import TeacherInput
+from medlite.models.adapters import LogitEnsemble, TeacherInput
 
 #: the data config keys the datamodule (not the source) reads
 DATAMODULE_KEYS = (
@@ -203,13 +203,26 @@ def rebuild_model(
         return build_model(OmegaConf.create(cfg), num_classes, in_chans, img_size)
 
 
+def teacher_members(t: DictConfig) -> int:
+    """How many independently trained networks the teacher averages (``teacher.members``)."""
+    n = t.get("members", 1)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"teacher.members={n!r} must be a whole number >= 1")
+    return n
+
+
 def build_teacher(cfg: DictConfig, datamodule: DataModule) -> torch.nn.Module:
-    """The ``teacher`` config's network, adapted to the student's input (size, normalisation)."""
+    """The ``teacher`` config's network (with ``teacher.members`` > 1 an ensemble of that many,
+    logits averaged), adapted to the student's input (size, normalisation)."""
     t = cfg.teacher
     student_size = datamodule.preprocess.input_size
-    net = build_model(
-        t, datamodule.task.num_outputs, datamodule.in_chans, t.input_size or student_size
-    )
+    nets = [
+        build_model(
+            t, datamodule.task.num_outputs, datamodule.in_chans, t.input_size or student_size
+        )
+        for _ in range(teacher_members(t))
+    ]
+    net = nets[0] if len(nets) == 1 else LogitEnsemble(nets)
     norm = (list(t.mean), list(t.std)) if t.get("mean") and t.get("std") else None
     return TeacherInput(
         net,

@@ -15,3 +15,12 @@ def basename(path: str | None) -> str:
 
 
 OmegaConf.register_new_resolver("medlite.basename", basename, replace=True)
+
+
+def smaller(a: int, b: int) -> int:
+    """``${medlite.min:${data.size},64}``: the smaller of two sizes (a teacher's input size that
+    follows the data's but stays affordable)."""
+    return min(int(a), int(b))
+
+
+OmegaConf.register_new_resolver("medlite.min", smaller, replace=True)

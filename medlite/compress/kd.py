@@ -347,7 +347,7 @@ class Distillation(CompressionStep):
         teacher = ctx.teacher if self.teacher_source == "config" else ctx.base_model
         if teacher is None:
             where = (
-                "set the teacher group (teacher=resnet18) and teacher.ckpt_path, or let the run "
+                "set the teacher group (teacher=resnet18_cifar) and teacher.ckpt_path, or let the run "
                 "train it"
                 if self.teacher_source == "config"
                 else "use compress.base=train so a trained base model exists"

@@ -131,7 +131,17 @@ def kd_recovery(teacher: dict | None, before: dict | None, after: dict, task) ->
         out[split] = {"teacher": t, "student_before": b, "student_after": a, "gap": gap,
                       "recovered_share": share}  # fmt: skip
     val = out["val"]
-    if val["gap"] is not None and val["gap"] <= 0:
+    if before is None and val["teacher"] is not None and val["student_after"] is not None:
+        # from scratch there is no student-alone row; a student that ends level with or above
+        # its teacher says the teacher was no stronger than the student would have been
+        if sign * (val["student_after"] - val["teacher"]) >= 0:
+            log.warning(
+                "kd: the distilled student (val %s %.4f) matches or beats its teacher (%.4f): "
+                "the teacher is no stronger than the student, so distillation can only pull it "
+                "towards a weaker model; choose a stronger teacher (teacher=...)",
+                task.title(metric), val["student_after"], val["teacher"],
+            )  # fmt: skip
+    elif val["gap"] is not None and val["gap"] <= 0:
         log.warning(
             "kd: the teacher (val %s %.4f) is not better than the student it teaches (%.4f): "
             "distillation pulls towards a weaker model; choose a stronger teacher",

@@ -22,10 +22,11 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from medlite.build import build_teacher, check_model_task
+from medlite.build import build_teacher, check_model_task, teacher_members
 from medlite.checkpoints import load_weights, save_weights
 from medlite.compress.evaluate import evaluate
 from medlite.errors import ConfigError
+from medlite.models.adapters import LogitEnsemble
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ def teacher_recipe(cfg: DictConfig, data_id: str) -> dict:
     t = _container(cfg, "teacher") or {}
     for k in ("ckpt_path", "cache"):
         t.pop(k, None)
+    if t.get("members") == 1:  # one network: the key of a teacher cached before ensembles
+        t.pop("members")
     d = _container(cfg, "data") or {}
     return {
         "teacher": t,
@@ -152,9 +155,21 @@ def plan_teacher(cfg: DictConfig, datamodule) -> TeacherPlan:
     if t is None:
         raise ConfigError(
             f"compress={cfg.compress.name} distils from a teacher but no teacher is configured; "
-            "choose one, e.g. teacher=resnet18"
+            "choose one, e.g. teacher=resnet18_cifar"
         )
     check_model_task(t, datamodule.task, role="teacher", spatial_dims=datamodule.spatial_dims)
+    if teacher_members(t) > 1:
+        featured = [
+            i
+            for i, step in enumerate(OmegaConf.to_container(cfg.compress, resolve=True).get("steps") or [])
+            if step.get("kind") == "kd" and step.get("teacher", "config") == "config" and step.get("features")
+        ]  # fmt: skip
+        if featured:
+            raise ConfigError(
+                f"compress.steps[{featured[0]}] distils features, but teacher.members="
+                f"{t.members} averages {t.members} networks' outputs and has no single layer to "
+                "match; use teacher.members=1 for feature distillation"
+            )
     if t.get("ckpt_path"):
         path = Path(str(t.ckpt_path)).expanduser()
         if not path.is_file():
@@ -190,19 +205,35 @@ def obtain_teacher(
         info["not_cached"] = plan.not_cached
         log.info("the teacher trained in this run is not cached: %s", plan.not_cached)
     if plan.source == "train":
-        log.info("training the teacher %s first (no teacher.ckpt_path given)", t.name)
-        phase = train_phase(
-            cfg,
-            wrapped,
-            datamodule,
-            ckpt_dir=output_dir / "teacher" / "checkpoints",
-            loggers=loggers,
-            prefix="teacher/",
-            paradigm=t.paradigm,
-            epochs=t.get("epochs"),
-            lr=t.get("lr"),
-            test=False,
-        )
+        monitored = datamodule.task.monitor_metric
+        members = list(net.members) if isinstance(net, LogitEnsemble) else [net]
+        if len(members) > 1:
+            log.info(
+                "training the teacher first (no teacher.ckpt_path given): %d x %s, trained one "
+                "after another and averaged", len(members), t.name,
+            )  # fmt: skip
+        else:
+            log.info("training the teacher %s first (no teacher.ckpt_path given)", t.name)
+        member_val = []
+        for k, member in enumerate(members):
+            # each member its own phase: its own initialisation (built in turn) and, through the
+            # phase name, its own batch order; a single teacher keeps the name it always had
+            where = "teacher" if len(members) == 1 else f"teacher/member{k}"
+            phase = train_phase(
+                cfg,
+                wrapped if len(members) == 1 else wrapped.around(member),
+                datamodule,
+                ckpt_dir=output_dir / where / "checkpoints",
+                loggers=loggers,
+                prefix=f"{where}/",
+                paradigm=t.paradigm,
+                epochs=t.get("epochs"),
+                lr=t.get("lr"),
+                test=False,
+            )
+            member_val.append(phase.val.get(monitored))
+        if len(members) > 1:
+            info["members_val"] = {monitored: member_val}
         meta = {
             "arch": t.arch,
             "data": datamodule.name,
@@ -216,11 +247,11 @@ def obtain_teacher(
         if plan.path is not None:
             save_weights(net, plan.path, meta)
             info["cached"] = str(plan.path)
-        monitored = datamodule.task.monitor_metric
         log.info(
-            "teacher trained (val %s %.3f); later runs %s, or pass teacher.ckpt_path=%s",
+            "teacher trained (val %s %s); later runs %s, or pass teacher.ckpt_path=%s",
             datamodule.task.title(monitored),
-            phase.val.get(monitored, float("nan")),
+            ", ".join(f"{v:.3f}" if v is not None else "nan" for v in member_val)
+            + (" for its members" if len(members) > 1 else ""),
             "reuse it from the cache" if plan.path is not None else "train their own",
             run_copy,
         )

@@ -31,6 +31,13 @@ class TeacherInput(nn.Module):
                 torch.tensor(b).view(1, -1, 1, 1),
             )
 
+    def around(self, net: nn.Module) -> TeacherInput:
+        """The same adaptation in front of another network (one member of an ensemble, trained
+        on its own)."""
+        other = TeacherInput(net, self.size)
+        other.renorm = self.renorm
+        return other
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.renorm is not None:
             a, b = (t.to(x.device, x.dtype) for t in self.renorm)
@@ -44,3 +51,16 @@ class TeacherInput(nn.Module):
             # student's, where the masks, metrics and the student's logits are
             out = F.interpolate(out, size=hw, mode="bilinear", align_corners=False)
         return out
+
+
+class LogitEnsemble(nn.Module):
+    """Independently trained networks as one teacher: the mean of their logits (per class, or per
+    class and pixel). An ensemble beats its members, so it can teach a student of the members'
+    own size something it does not learn alone (the setting of Hinton et al.'s distillation)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(dim=0)

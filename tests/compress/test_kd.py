@@ -15,6 +15,7 @@ from medlite.compress import RunContext, build_steps
 from medlite.compress.kd import TeacherInput, attention_map, auto_feature_layer, distillation_loss
 from medlite.errors import ConfigError
 from medlite.models import create_model
+from medlite.models.adapters import LogitEnsemble
 from medlite.pipeline import run
 from tests.helpers import make_cfg
 
@@ -133,6 +134,7 @@ def test_kd_from_a_checkpoint_teacher_trains_student_and_leaves_teacher_unchange
         tmp_path / "student",
         [
             "compress=kd",
+            "teacher=resnet18",
             f"teacher.ckpt_path={ckpt}",
             "max_phase_epochs=4",
             "data.augment.enabled=false",
@@ -182,6 +184,49 @@ def test_teacher_is_trained_once_then_reused_from_the_cache(tmp_path: Path) -> N
     # a different seed is a different teacher
     third = full_run(tmp_path / "c", [*common, "seed=7"])
     assert third["compression"]["teacher"]["source"] == "train"
+
+
+def test_logit_ensemble_averages_its_members() -> None:
+    a, b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4)
+    assert torch.allclose(LogitEnsemble([a, b])(x), (a(x) + b(x)) / 2)
+
+
+def test_an_ensemble_teacher_trains_each_member_and_is_cached_whole(tmp_path: Path) -> None:
+    from tests.compress.test_teacher_cache import TINY_TEACHER
+
+    common = [
+        "compress=kd",
+        "teacher.members=2",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+        "callbacks=none",
+        "profile.enabled=false",
+        "trainer.max_epochs=1",
+        "compress.steps.0.epochs=1",
+        *TINY_TEACHER,
+    ]
+    run(make_cfg(tmp_path / "a", common))
+    first = json.loads((tmp_path / "a" / "results.json").read_text())
+    info = first["compression"]["teacher"]
+    assert info["source"] == "train" and len(info["members_val"]["auc"]) == 2
+    # each member trained as its own phase, from its own initialisation
+    for k in (0, 1):
+        assert list((tmp_path / "a" / f"teacher/member{k}/checkpoints").glob("best-*.ckpt"))
+    state = torch.load(tmp_path / "a" / info["path"], map_location="cpu", weights_only=True)
+    weights = state["state_dict"]
+    w0, w1 = (weights[f"model.members.{k}.stem.0.weight"] for k in (0, 1))
+    assert w0.shape == w1.shape and not torch.equal(w0, w1)
+    run(make_cfg(tmp_path / "b", common))
+    second = json.loads((tmp_path / "b" / "results.json").read_text())["compression"]["teacher"]
+    assert second["source"] == "cache" and second["test"] == pytest.approx(info["test"])
+
+
+def test_an_ensemble_teacher_with_feature_kd_is_refused_before_training(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="teacher.members=2 averages 2 networks"):
+        run(make_cfg(tmp_path / "run", FAST + ["compress=kd_feat", "teacher.members=2"]))
+    assert not (tmp_path / "run" / "teacher").exists()
+    with pytest.raises(ConfigError, match="teacher.members=0 must be a whole number"):
+        run(make_cfg(tmp_path / "run0", FAST + ["compress=kd", "teacher.members=0"]))
 
 
 def test_feature_kd_trains_the_adapter_with_the_student(tmp_path: Path) -> None:

@@ -42,3 +42,16 @@ def test_without_a_student_baseline_only_the_teacher_and_result_are_kept() -> No
         "recovered_share": None,
     }
     assert kd_recovery(None, None, _row(0.86, 0.88), TASK) is None
+
+
+@pytest.mark.parametrize(
+    ("teacher", "student", "warned"), [(0.80, 0.82, True), (0.90, 0.86, False)]
+)
+def test_from_scratch_a_student_level_with_its_teacher_is_warned_about(
+    caplog, teacher: float, student: float, warned: bool
+) -> None:
+    """compress=kd trains the student from scratch: no student-alone row, so the warning compares
+    the teacher with the distilled student."""
+    with caplog.at_level(logging.WARNING, logger="medlite.compress.recipe"):
+        kd_recovery(_row(teacher, teacher), None, _row(student, student), TASK)
+    assert ("matches or beats its teacher" in caplog.text) is warned

@@ -21,7 +21,7 @@ KD = ["compress=kd"]
 TINY_TEACHER = [
     "teacher.arch=litecnn",
     "teacher.name=litecnn",
-    "~teacher.kwargs.zero_init_last",
+    "~teacher.kwargs.widen_factor",
     "+teacher.kwargs.widths=[8,8,16,16]",
     "+teacher.kwargs.depths=[1,1,1]",
     "+teacher.kwargs.head_dim=32",
