@@ -110,6 +110,59 @@ def _cost_cut(pairs: Sequence[tuple[dict, dict]]) -> dict:
     return cut
 
 
+def _first_stage(results: dict) -> str | None:
+    stages = (results.get("compression") or {}).get("stages") or []
+    return stages[0].get("stage") if stages else None
+
+
+def _student_alone(kd: RunRecord, records: Sequence[RunRecord]) -> dict | None:
+    """The KD student's own baseline: the dense model (first stage, ``before``) of another claim
+    run in the same reproduction on the same data, network and seed (e.g. the ptq recipe's
+    LiteCNN). A run distilled from scratch has no student-alone row of its own."""
+    model = (kd.results.get("model") or {}).get("arch")
+    for rec in records:
+        if (
+            rec is not kd
+            and rec.ok
+            and rec.recipe.is_claim
+            and rec.recipe.dataset == kd.recipe.dataset
+            and rec.seed == kd.seed
+            and (rec.results.get("model") or {}).get("arch") == model
+            and _first_stage(rec.results) == "before"
+        ):
+            return rec.results["compression"]["stages"][0]
+    return None
+
+
+def _kd_gap(runs: Sequence[RunRecord], records: Sequence[RunRecord], metric: str) -> dict | None:
+    """What distillation recovered, over seeds: the teacher, the student alone and the distilled
+    student (means over the seeds that have all three), the gap teacher − student alone and the
+    share of it KD recovered, (distilled − alone) / gap (ratio of the means; None when the
+    teacher is not better than the student alone). None for a run that is not KD from scratch."""
+    triples = []
+    for r in runs:
+        if not r.ok or _first_stage(r.results) != "teacher":
+            continue
+        teacher, distilled = stage_pair(r.results)
+        alone = _student_alone(r, records)
+        values = [((s or {}).get("test") or {}).get(metric) for s in (teacher, alone, distilled)]
+        if all(isinstance(v, (int, float)) for v in values):
+            triples.append([float(v) for v in values])
+    if not triples:
+        return None
+    t, a, d = (mean_std([x[i] for x in triples])[0] for i in range(3))
+    gap = t - a
+    return {
+        "metric": metric,
+        "n": len(triples),
+        "teacher": t,
+        "alone": a,
+        "distilled": d,
+        "gap": gap,
+        "recovered": (d - a) / gap if gap > 0 else None,
+    }
+
+
 def summarise(records: Sequence[RunRecord]) -> list[dict]:
     """One row per recipe (in the order run): seeds, ours vs published (or, for a claim, vs the
     same runs' uncompressed model) per metric, cost."""
@@ -146,6 +199,11 @@ def summarise(records: Sequence[RunRecord]) -> list[dict]:
             "check": entry.get("check", ""),
             "task": next((r.results["task"] for r in ok if r.results.get("task")), None),
             "cost_cut": _cost_cut(pairs) if recipe.is_claim else None,
+            "kd_gap": (
+                _kd_gap(ok, records, recipe.metrics()[0])
+                if recipe.is_claim and recipe.metrics()
+                else None
+            ),
         }
         cells = (
             _claim_cells(pairs, recipe, tolerance)
@@ -233,6 +291,33 @@ def _table(rows: Sequence[dict], claim: bool) -> list[str]:
     return out
 
 
+def _kd_table(rows: Sequence[dict]) -> list[str]:
+    """Distillation rows: teacher, student alone, distilled student, the gap and its share."""
+    task = task_of(rows)
+    kd = [r for r in rows if r.get("kd_gap")]
+    if not kd:
+        return []
+    t = metric_label(kd[0]["kd_gap"]["metric"], task)
+    out = [
+        "",
+        f"Distillation (test {t}, means over the seeds with all three runs, n): the teacher, the "
+        "student trained alone (the dense model of the group's other recipes, same data and "
+        "seed), the distilled student; gap = teacher − student alone; recovered = (distilled − "
+        "alone) ÷ gap (– when the teacher is not better than the student alone).",
+        "",
+        "| recipe | n | teacher | student alone | distilled | gap | recovered |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in kd:
+        g = r["kd_gap"]
+        share = "–" if g["recovered"] is None else f"{100 * g['recovered']:.0f} %"
+        out.append(
+            f"| {r['dataset']} {r['method']} | {g['n']} | {g['teacher']:.3f} | "
+            f"{g['alone']:.3f} | {g['distilled']:.3f} | {g['gap']:+.3f} | {share} |"
+        )
+    return out
+
+
 def markdown(rows: Sequence[dict], title: str, budget: str) -> str:
     task = task_of(rows)
     published = [r for r in rows if r.get("kind") != "claim"]
@@ -256,6 +341,7 @@ def markdown(rows: Sequence[dict], title: str, budget: str) -> str:
                 "eager PyTorch or ONNX Runtime, an int8 stage as its int8 file) when the runs "
                 "exported, else eager. Params, MACs and latency: the compressed model.", ""]  # fmt: skip
         out += _table(claims, claim=True)
+        out += _kd_table(claims)
     out += ["", "## Sources", ""]
     for s in sources:
         info = source_info(s)
@@ -283,6 +369,8 @@ def markdown(rows: Sequence[dict], title: str, budget: str) -> str:
 
 
 CSV_FIELDS = ("recipe", "kind", "dataset", "method", "n", "n_failed", "seeds")
+#: a distillation row's teacher-student gap (the first metric of its claim)
+KD_FIELDS = ("metric", "teacher", "alone", "distilled", "gap", "recovered")
 
 
 def csv_text(rows: Sequence[dict]) -> str:
@@ -291,6 +379,7 @@ def csv_text(rows: Sequence[dict]) -> str:
     for m in metrics:
         fields += [f"{m}_ours", f"{m}_std", f"{m}_published", f"{m}_diff", f"{m}_within"]
     fields += ["size_cut", "macs_cut", "latency_cut"]
+    fields += [f"kd_{k}" for k in KD_FIELDS]
     fields += ["params", "macs", "latency_ms", "wall_time_s", "errors"]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=fields)
@@ -304,6 +393,8 @@ def csv_text(rows: Sequence[dict]) -> str:
                 flat[f"{m}_{key}"] = c.get(key)
         cut = r.get("cost_cut") or {}
         flat.update({f"{k}_cut": cut.get(k) for k in ("size", "macs", "latency")})
+        gap = r.get("kd_gap") or {}
+        flat.update({f"kd_{k}": gap.get(k) for k in KD_FIELDS})
         flat.update({k: r[k] for k in ("params", "macs", "latency_ms", "wall_time_s")})
         flat["errors"] = " / ".join(r["errors"])
         writer.writerow({k: "" if v is None else v for k, v in flat.items()})

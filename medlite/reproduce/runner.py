@@ -1,13 +1,14 @@
 """Running recipes: each (recipe, seed) is one ``train`` run in its own process and folder.
 
-A run that finished (``results.json`` with status ok, started with the same overrides) is reused,
-never retrained, so an interrupted reproduction continues where it stopped. Any other folder left
+A run that finished (``results.json`` with status ok, started with the same overrides, and whose
+config still composes the same) is reused, never retrained, so an interrupted reproduction continues where it stopped. Any other folder left
 at a run's place is moved aside (``<seed>.attempt<k>``), not deleted: its logs may explain a
 failure. A run that fails is a record with its error, and the other runs go on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,6 +19,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from medlite.atomic import write_text
 from medlite.reproduce.recipes import Recipe
@@ -79,12 +82,43 @@ def command(recipe: Recipe, seed: int, run_dir: Path, overrides: Sequence[str]) 
     ]
 
 
+#: config keys that say where things go or how they are shown, not what is trained
+_NOT_RECIPE = ("paths", "hydra", "logger", "show_traceback", "threads", "parallel_jobs")
+
+
+def config_fingerprint(recipe: Recipe, seed: int, overrides: Sequence[str]) -> str | None:
+    """A hash of the run's composed config (unresolved, so no paths or machine leak in), minus
+    where outputs go: a finished run is reused only if the recipe, the defaults it inherits
+    (e.g. the default distillation teacher) and the overrides still compose to the same thing."""
+    from hydra import compose, initialize_config_dir
+
+    from medlite import CONF_DIR
+
+    args = [f"experiment={recipe.experiment}", f"seed={seed}", *overrides]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=args)
+    except Exception:  # noqa: BLE001 - the run itself reports a config that does not compose
+        return None
+    tree = OmegaConf.to_container(cfg, resolve=False)
+    kept = {k: v for k, v in tree.items() if k not in _NOT_RECIPE}
+    blob = json.dumps(kept, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
 def run_one(
-    recipe: Recipe, seed: int, out: Path, overrides: Sequence[str], env: dict | None = None
+    recipe: Recipe,
+    seed: int,
+    out: Path,
+    overrides: Sequence[str],
+    env: dict | None = None,
+    fingerprint: str | None = None,
 ) -> RunRecord:
     """Run (or reuse) one seed of one recipe; its output goes to ``<run dir>.log``."""
     run_dir = out / "runs" / recipe.slug / f"seed{seed}"
     launch = {"recipe": recipe.id, "seed": seed, "overrides": list(overrides)}
+    if fingerprint is not None:
+        launch["config"] = fingerprint
     done = finished(run_dir, launch)
     if done is not None:
         return RunRecord(recipe, seed, run_dir, reused=True, results=done)
@@ -141,9 +175,12 @@ def run_all(
 ) -> list[RunRecord]:
     """Every (recipe, seed) of ``plan``, ``jobs`` at a time; records in plan order."""
     env = job_env(jobs)
+    # composed here, one at a time: Hydra's global state is not for threads
+    prints = {(r.id, s): config_fingerprint(r, s, overrides) for r, s in plan}
 
     def one(item: tuple[Recipe, int]) -> RunRecord:
-        record = run_one(item[0], item[1], out, overrides, env)
+        recipe, seed = item
+        record = run_one(recipe, seed, out, overrides, env, prints[(recipe.id, seed)])
         if on_done is not None:
             on_done(record)
         return record

@@ -88,3 +88,56 @@ def test_a_run_without_compression_stages_is_an_error_row(tmp_path: Path) -> Non
     assert row["auc"]["ours"] is None and row["auc"]["within"] is None
     assert row["errors"] == ["seed 0: the run has no compression stages to compare"]
     assert "## Failed runs" in report.markdown([row], "t", "b")
+
+
+KD = next(r for r in rc.discover() if r.id == "paper/review/compression/breastmnist/kd")
+
+
+def _kd_record(seed: int, teacher: float, distilled: float, tmp_path: Path) -> RunRecord:
+    stages = [_stage("teacher", teacher, 0.8, 6.0, 30), _stage("kd", distilled, 0.8, 2.0, 10)]
+    results = {
+        "status": "ok",
+        "task": TASK,
+        "model": {"arch": "litecnn"},
+        "test": dict(stages[-1]["test"]),
+        "compression": {"stages": stages},
+        "efficiency": {"params": 100, "macs": 10, "latency_ms": 0.5},
+        "wall_time_s": 60.0,
+    }
+    return RunRecord(KD, seed, tmp_path / f"kd{seed}", results=results)
+
+
+def test_distillation_reports_the_gap_to_the_student_alone_and_the_share_recovered(
+    tmp_path: Path,
+) -> None:
+    """The student alone is the same seed's dense model of another recipe of the group."""
+    alone = [
+        _record(s, _stage("before", auc, 0.8, 2.0, 10), _stage("ptq", auc, 0.8, 0.5, 10), tmp_path)
+        for s, auc in ((0, 0.86), (1, 0.88))
+    ]
+    for rec in alone:
+        rec.results["model"] = {"arch": "litecnn"}
+    kd = [_kd_record(0, 0.92, 0.90, tmp_path), _kd_record(1, 0.90, 0.88, tmp_path)]
+    rows = {r["method"]: r for r in report.summarise([*kd, *alone])}
+    gap = rows[KD.method_title()]["kd_gap"]
+    assert gap["n"] == 2 and gap["teacher"] == pytest.approx(0.91)
+    assert gap["alone"] == pytest.approx(0.87) and gap["distilled"] == pytest.approx(0.89)
+    assert gap["gap"] == pytest.approx(0.04) and gap["recovered"] == pytest.approx(0.5)
+    assert rows[PTQ.method_title()]["kd_gap"] is None  # not a distillation row
+    md = report.markdown(list(rows.values()), "review/compression/breastmnist", "b")
+    line = next(x for x in md.splitlines() if x.startswith("| breastmnist KD") and "%" in x)
+    assert [c.strip() for c in line.strip("|").split("|")][1:] == [
+        "2", "0.910", "0.870", "0.890", "+0.040", "50 %",
+    ]  # fmt: skip
+    # another seed, or another network, is not this student's baseline
+    alone[1].results["model"] = {"arch": "resnet18"}
+    gap = next(r for r in report.summarise([*kd, *alone]) if r["kd_gap"])["kd_gap"]
+    assert gap["n"] == 1 and gap["recovered"] == pytest.approx((0.90 - 0.86) / (0.92 - 0.86))
+
+
+def test_a_teacher_no_better_than_the_student_alone_recovers_nothing(tmp_path: Path) -> None:
+    alone = _record(0, _stage("before", 0.91, 0.8, 2, 10), _stage("ptq", 0.9, 0.8, 1, 10), tmp_path)
+    alone.results["model"] = {"arch": "litecnn"}
+    (kd_row, _) = report.summarise([_kd_record(0, 0.88, 0.90, tmp_path), alone])
+    assert kd_row["kd_gap"]["gap"] == pytest.approx(-0.03) and kd_row["kd_gap"]["recovered"] is None
+    assert "| – |" in report.markdown([kd_row], "t", "b").split("Distillation")[1]

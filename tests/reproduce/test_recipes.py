@@ -52,6 +52,8 @@ def test_protocol_is_what_the_run_uses(recipe: rc.Recipe, composed: dict) -> Non
     assert cfg.data.batch_size == p["batch_size"]
     assert cfg.data.augment.enabled == p["augmentation"]
     assert cfg.data.name == recipe.dataset and cfg.reproduce.dataset == recipe.dataset
+    if recipe.method in ("kd", "prune_kd_ptq"):  # the teacher is stated, not inherited
+        assert cfg.teacher.name == p["teacher"] and cfg.teacher.members == p["teacher_members"]
     # the checkpoint kept is the best by the classification task's monitored metric
     assert ClassificationTask(BINARY, ("a", "b")).record()["monitor"] == p["checkpoint"]
 
@@ -97,8 +99,13 @@ def test_a_name_selects_a_recipe_or_a_group() -> None:
 
 def test_every_compression_family_has_a_claim_recipe() -> None:
     families = {"ptq", "qat", "prune", "kd", "lowrank", "prune_kd_ptq"}
-    assert {r.id for r in CLAIMS} == {f"paper/review/compression/breastmnist/{m}" for m in families}
-    assert {r.id for r in rc.select("review/compression/breastmnist")} == {r.id for r in CLAIMS}
+    datasets = ("breastmnist", "retinamnist")
+    assert {r.id for r in CLAIMS} == {
+        f"paper/review/compression/{d}/{m}" for d in datasets for m in families
+    }
+    for d in datasets:
+        group = {r.id for r in rc.select(f"review/compression/{d}")}
+        assert group == {r.id for r in CLAIMS if r.dataset == d}
     assert all(r.trials == 3 and r.source == "review_compression" for r in CLAIMS)
 
 

@@ -80,3 +80,20 @@ def test_list_and_unknown_names(capsys) -> None:
     assert "medmnist_v2/breastmnist/resnet18_28" in listed and "AUC 0.901" in listed
     assert main(["medmnist_v2/nosuch"]) == 1
     assert "no recipe or group 'medmnist_v2/nosuch'" in capsys.readouterr().err
+
+
+def test_a_run_is_reused_only_while_its_config_composes_the_same(tiny: Path) -> None:
+    """The launch record holds a hash of the composed config, so a recipe whose inherited defaults
+    changed (say the default teacher) is retrained; where outputs go does not count."""
+    from medlite.reproduce.recipes import select
+    from medlite.reproduce.runner import config_fingerprint
+
+    (kd,) = select("review/compression/breastmnist/kd")
+    same = config_fingerprint(kd, 0, [])
+    assert same is not None and same == config_fingerprint(kd, 0, ["paths.data_dir=/elsewhere"])
+    assert config_fingerprint(kd, 0, ["teacher=resnet18"]) != same
+    assert config_fingerprint(kd, 1, []) != same
+    assert config_fingerprint(kd, 0, ["no_such_key=1"]) is None  # the run reports that itself
+    launch = json.loads((tiny / "runs" / "medmnist_v2__breastmnist__resnet18_28" / "seed0" / LAUNCH_FILE).read_text())  # fmt: skip
+    (recipe,) = select(RECIPE)
+    assert launch["config"] == config_fingerprint(recipe, 0, TINY[1:])
