@@ -52,6 +52,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--data-dir", help="folder of the dataset files (paths.data_dir)")
     parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the table from the runs that already finished",
+    )
+    parser.add_argument(
         "--override",
         nargs="+",
         default=[],
@@ -133,7 +138,11 @@ def run(args: argparse.Namespace) -> int:
                 f"{escape(what)}: [red]failed[/red]: {escape(str(record.error))}", highlight=False
             )
 
-    records = run_all(plan, out, overrides, jobs=args.jobs, on_done=progress)
+    records = run_all(
+        plan, out, overrides, jobs=args.jobs, on_done=progress, train=not args.report_only
+    )
+    if args.report_only and len(records) < len(plan):
+        console.print(f"{len(plan) - len(records)} run(s) not finished yet: not in the table")
     rows = report.summarise(records)
     title = ", ".join(args.targets)
     paths = report.write(rows, out, title, budget)

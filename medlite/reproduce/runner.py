@@ -113,8 +113,10 @@ def run_one(
     overrides: Sequence[str],
     env: dict | None = None,
     fingerprint: str | None = None,
-) -> RunRecord:
-    """Run (or reuse) one seed of one recipe; its output goes to ``<run dir>.log``."""
+    train: bool = True,
+) -> RunRecord | None:
+    """Run (or reuse) one seed of one recipe; its output goes to ``<run dir>.log``. With
+    ``train=False`` only reuse: None for a run that has not finished."""
     run_dir = out / "runs" / recipe.slug / f"seed{seed}"
     launch = {"recipe": recipe.id, "seed": seed, "overrides": list(overrides)}
     if fingerprint is not None:
@@ -122,6 +124,8 @@ def run_one(
     done = finished(run_dir, launch)
     if done is not None:
         return RunRecord(recipe, seed, run_dir, reused=True, results=done)
+    if not train:
+        return None
     if run_dir.exists():
         _move_aside(run_dir)
     run_dir.parent.mkdir(parents=True, exist_ok=True)  # train claims the run folder itself
@@ -172,18 +176,20 @@ def run_all(
     overrides: Sequence[str],
     jobs: int = 1,
     on_done: Callable[[RunRecord], None] | None = None,
+    train: bool = True,
 ) -> list[RunRecord]:
-    """Every (recipe, seed) of ``plan``, ``jobs`` at a time; records in plan order."""
+    """Every (recipe, seed) of ``plan``, ``jobs`` at a time; records in plan order. With
+    ``train=False`` only the runs that already finished (a table while others still run)."""
     env = job_env(jobs)
     # composed here, one at a time: Hydra's global state is not for threads
     prints = {(r.id, s): config_fingerprint(r, s, overrides) for r, s in plan}
 
-    def one(item: tuple[Recipe, int]) -> RunRecord:
+    def one(item: tuple[Recipe, int]) -> RunRecord | None:
         recipe, seed = item
-        record = run_one(recipe, seed, out, overrides, env, prints[(recipe.id, seed)])
-        if on_done is not None:
+        record = run_one(recipe, seed, out, overrides, env, prints[(recipe.id, seed)], train)
+        if on_done is not None and record is not None:
             on_done(record)
         return record
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        return list(pool.map(one, plan))
+        return [r for r in pool.map(one, plan) if r is not None]

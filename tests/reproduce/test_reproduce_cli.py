@@ -97,3 +97,16 @@ def test_a_run_is_reused_only_while_its_config_composes_the_same(tiny: Path) -> 
     launch = json.loads((tiny / "runs" / "medmnist_v2__breastmnist__resnet18_28" / "seed0" / LAUNCH_FILE).read_text())  # fmt: skip
     (recipe,) = select(RECIPE)
     assert launch["config"] == config_fingerprint(recipe, 0, TINY[1:])
+
+
+def test_report_only_writes_the_table_of_finished_runs_and_trains_nothing(
+    tiny: Path, shared_data: Path, capsys
+) -> None:
+    capsys.readouterr()
+    assert _run(tiny, shared_data, "--report-only", seeds=3) == 0
+    out = capsys.readouterr().out
+    assert out.count("(reused)") == 2 and "1 run(s) not finished yet" in out
+    assert not (tiny / "runs" / "medmnist_v2__breastmnist__resnet18_28" / "seed2").exists()
+    with (tiny / "reproduction.csv").open() as f:
+        (rec,) = list(csv.DictReader(f))
+    assert rec["n"] == "2" and rec["n_failed"] == "0"
