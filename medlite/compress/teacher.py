@@ -1,6 +1,7 @@
 """The distillation teacher: loaded from ``teacher.ckpt_path``, from medlite's teacher cache, or
 trained first in the same run (and then cached, so the next run, or the next job of a sweep,
-reuses it instead of training it again).
+reuses it instead of training it again). With ``teacher.members`` > 1 the teacher is an ensemble:
+that many copies, each trained as its own phase, their logits averaged, cached as one file.
 
 The cache key covers everything that changes the teacher's weights, fully resolved: its model
 config, the data (its files and split, size, preprocessing, augmentation, epochs), optimiser,
