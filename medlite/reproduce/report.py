@@ -105,8 +105,6 @@ def _cost_cut(pairs: Sequence[tuple[dict, dict]]) -> dict:
     for key, name in (("size_mb", "size"), ("macs", "macs"), (latency, "latency")):
         ratios = [float(a[key]) / float(b[key]) for a, b in effs if a.get(key) and b.get(key)]
         cut[name], _ = mean_std(ratios)
-    if deployed:
-        cut["latency_ms"], _ = mean_std([float(b[latency]) for _, b in effs])
     return cut
 
 
@@ -214,8 +212,10 @@ def summarise(records: Sequence[RunRecord]) -> list[dict]:
         eff = [r.results.get("efficiency") or {} for r in ok]
         for key in ("params", "macs", "latency_ms"):
             row[key], _ = mean_std([float(e[key]) for e in eff if e.get(key) is not None])
-        if (row["cost_cut"] or {}).get("latency_basis") == "deployed":
-            row["latency_ms"] = row["cost_cut"]["latency_ms"]
+        if (row["cost_cut"] or {}).get("latency_basis") == "deployed":  # the compressed stage's
+            row["latency_ms"], _ = mean_std(
+                [float(b["efficiency"]["deployed_latency_ms"]) for _, b in pairs]
+            )
         row["wall_time_s"], _ = mean_std(
             [float(r.results["wall_time_s"]) for r in ok if r.results.get("wall_time_s")]
         )
