@@ -129,7 +129,18 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"eval.conformal must be auto, aps, raps, lac or false, got {conformal!r}"
         )
+    checkpoint_rule(cfg)
     check_trainer_keys(cfg)
+
+
+def checkpoint_rule(cfg: DictConfig) -> str:
+    """Which weights a phase keeps, tests and deploys (``eval.checkpoint``): ``best``, the epoch
+    with the best validation score (the MedMNIST protocol), or ``last``, the final epoch (what
+    a training script that forgets to copy its best model reports)."""
+    rule = str(OmegaConf.select(cfg, "eval.checkpoint", default="best") or "best")
+    if rule not in ("best", "last"):
+        raise ConfigError(f"eval.checkpoint must be best or last, got {rule!r}")
+    return rule
 
 
 def check_trainer_keys(cfg: DictConfig) -> None:

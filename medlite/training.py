@@ -3,7 +3,8 @@
 An ordinary run has one phase. A compressed run may have several (train the teacher, train the
 base model, fine-tune after pruning, distil), each with its own checkpoints folder and metric
 prefix, all logged to the same loggers, each ending on the checkpoint with the best value of the
-task's monitored metric (validation AUC for classification, the MedMNIST protocol).
+task's monitored metric (validation AUC for classification, the MedMNIST protocol), or on
+the final epoch with ``eval.checkpoint=last``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from medlite.callbacks import NaNGuard
 from medlite.checkpoint_io import AtomicCheckpointIO
 from medlite.checkpoints import lightning_state
 from medlite.compress.base import LossTerm
+from medlite.config import checkpoint_rule
 from medlite.errors import ConfigError
 from medlite.modules import MedliteModule, module_class
 from medlite.threads import ThreadsFollowLoad, check_threads
@@ -34,7 +36,7 @@ from medlite.threads import ThreadsFollowLoad, check_threads
 
 @dataclass
 class Phase:
-    """What a phase leaves: the trained module (best checkpoint loaded) and its metrics."""
+    """What a phase leaves: the trained module (the kept checkpoint loaded) and its metrics."""
 
     module: MedliteModule
     best_checkpoint: str | None
@@ -148,9 +150,11 @@ def train_phase(
     ckpt_path: str | Path | None = None,
 ) -> Phase:
     """Fit ``model`` (epochs: ``trainer.max_epochs`` unless given), reload the checkpoint with the
-    best value of the task's monitored metric, validate it and (``test``) test it. ``ckpt_path``: resume the fit from
+    best value of the task's monitored metric (``eval.checkpoint=last``: keep the final epoch),
+    validate it and (``test``) test it. ``ckpt_path``: resume the fit from
     this checkpoint (weights, optimizer, LR scheduler, epoch/step counters, best-checkpoint
     tracking)."""
+    rule = checkpoint_rule(cfg)
     optim = OmegaConf.to_container(cfg.optim, resolve=True)
     if lr is not None:
         optim["lr"] = float(lr)
@@ -206,7 +210,10 @@ def train_phase(
         trainer = hydra.utils.instantiate(
             cfg.trainer, logger=list(loggers) or False, **ddp.single_process_overrides()
         )
-    if best:  # keep the checkpoint with the best validation score (the MedMNIST protocol)
+    if rule == "last":  # the module holds the final epoch's weights; last.ckpt has them too
+        best = last.best_model_path or best
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+    elif best:  # keep the checkpoint with the best validation score (the MedMNIST protocol)
         module.load_state_dict(lightning_state(best))
         trainer.validate(module, datamodule=datamodule, verbose=False)
     phase = Phase(

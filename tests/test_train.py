@@ -43,6 +43,17 @@ def test_run_records_results_checkpoint_and_csv(tmp_path: Path) -> None:
     assert eff["latency_ms"] > 0 and eff["throughput_ips"] > 0 and eff["size_mb"] > 0.5
 
 
+def test_last_epoch_rule_keeps_tests_and_records_the_final_weights(tmp_path: Path) -> None:
+    _, res = _run(tmp_path, ["eval.checkpoint=last", "trainer.max_epochs=3", "max_phase_epochs=3"])
+    assert Path(res["best_checkpoint"]).name == "last.ckpt"
+    state = torch.load(tmp_path / "run" / res["best_checkpoint"], map_location="cpu")
+    assert state["epoch"] == 2  # the final epoch's weights, not the best validation epoch's
+    rows = [line.split(",") for line in (tmp_path / "run" / "metrics.csv").read_text().splitlines()]
+    col = rows[0].index("val/auc")
+    per_epoch = [float(r[col]) for r in rows[1:] if r[col]]
+    assert res["val"]["auc"] == pytest.approx(per_epoch[-1], abs=1e-6)
+
+
 @pytest.mark.parametrize(
     "flag", ["synthlesion_multiclass", "synthlesion_multilabel", "synthlesion_ordinal"]
 )
@@ -75,6 +86,7 @@ def test_same_seed_gives_identical_metrics(tmp_path: Path, shared_data: Path) ->
         ("model.arch=resnet81", "resnet18"),
         ("model.paradigm=rnn", "model.paradigm"),
         ("data.flag=breastmnst", "breastmnist"),
+        ("eval.checkpoint=first", "eval.checkpoint"),
     ],
 )
 def test_invalid_values_fail_before_training(tmp_path: Path, override: str, needle: str) -> None:

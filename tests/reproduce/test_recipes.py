@@ -55,6 +55,7 @@ def test_protocol_is_what_the_run_uses(recipe: rc.Recipe, composed: dict) -> Non
     if recipe.method in ("kd", "prune_kd_ptq"):  # the teacher is stated, not inherited
         assert cfg.teacher.name == p["teacher"] and cfg.teacher.members == p["teacher_members"]
     # the checkpoint kept is the best by the classification task's monitored metric
+    assert cfg.eval.checkpoint == "best"
     assert ClassificationTask(BINARY, ("a", "b")).record()["monitor"] == p["checkpoint"]
 
 
