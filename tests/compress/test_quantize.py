@@ -433,3 +433,20 @@ def test_ultralight_vmunet_int8_loads_in_onnx_runtime_at_128_px(tmp_path) -> Non
     int8 = OrtModel(tmp_path / "int8.onnx", threads=1)
     out = int8(x)
     assert out.shape == (1, 2, 128, 128) and torch.isfinite(out).all()
+
+
+def test_reduce_range_auto_follows_the_cpu(monkeypatch) -> None:
+    from medlite.compress import quantize as q
+
+    monkeypatch.setattr(q.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(q, "cpu_has_vnni", lambda: False)  # AVX2 only: int8 kernels saturate
+    assert q.resolve_reduce_range("auto") is True
+    monkeypatch.setattr(q, "cpu_has_vnni", lambda: None)  # flags unreadable: the safe choice
+    assert q.resolve_reduce_range("auto") is True
+    monkeypatch.setattr(q, "cpu_has_vnni", lambda: True)
+    assert q.resolve_reduce_range("auto") is False
+    monkeypatch.setattr(q.platform, "machine", lambda: "aarch64")
+    assert q.resolve_reduce_range("auto") is False
+    assert q.resolve_reduce_range(True) is True and q.resolve_reduce_range(False) is False
+    with pytest.raises(ConfigError, match="reduce_range"):
+        q.resolve_reduce_range("sometimes")
